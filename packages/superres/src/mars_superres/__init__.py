@@ -1,0 +1,5 @@
+"""mars_superres: see the package README."""
+
+from importlib.metadata import version as _version
+
+__version__ = _version("mars-superres")
