@@ -1,0 +1,65 @@
+"""The bilingual shapes world (SHAPES_WORLD.md): scenes, renderer, captions, scorer, shards.
+
+    >>> import random
+    >>> from mars_data import shapes
+    >>> rng = random.Random(0)
+    >>> scene = shapes.sample_scene(rng, num_objects=2)
+    >>> image = shapes.render(scene, 64)
+    >>> caption = shapes.write_caption(scene, "zh", rng)
+    >>> shapes.parse_caption(caption)["scene"]["relation"] == scene["relation"]
+    True
+    >>> shapes.score_image(image, {"prompt": caption})["spatial"]
+    True
+"""
+
+from mars_data.shapes.captions import FORMS, LANGS, forms_for, parse_caption, write_caption
+from mars_data.shapes.scoring import METRICS, detect, relation_holds, score_image, summarize
+from mars_data.shapes.shards import (
+    aspect_size,
+    eval_rng,
+    sample_record,
+    shard_records,
+    write_prompts,
+    write_shards,
+)
+from mars_data.shapes.world import (
+    BACKGROUND,
+    COLORS,
+    COLORS_ZH,
+    RELATION_OFFSETS,
+    RELATIONS,
+    RELATIONS_ZH,
+    SHAPES,
+    SHAPES_ZH,
+    render,
+    sample_scene,
+)
+
+__all__ = [
+    "BACKGROUND",
+    "COLORS",
+    "COLORS_ZH",
+    "FORMS",
+    "LANGS",
+    "METRICS",
+    "RELATIONS",
+    "RELATIONS_ZH",
+    "RELATION_OFFSETS",
+    "SHAPES",
+    "SHAPES_ZH",
+    "aspect_size",
+    "detect",
+    "eval_rng",
+    "forms_for",
+    "parse_caption",
+    "relation_holds",
+    "render",
+    "sample_record",
+    "sample_scene",
+    "score_image",
+    "shard_records",
+    "summarize",
+    "write_caption",
+    "write_prompts",
+    "write_shards",
+]

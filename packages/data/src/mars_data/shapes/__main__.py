@@ -1,0 +1,64 @@
+"""Command line of the shapes world.
+
+    python -m mars_data.shapes shards --out DIR --num-samples N --seed S [--size 64]
+        [--aspect-ratios 1:1,3:2,2:3,2:1,1:2] [--lang en,zh] [--samples-per-shard K]
+        [--processes P] [--stream train|val] [--jitter J]
+    python -m mars_data.shapes prompts --num N --seed S --out FILE.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mars_data.shapes.captions import LANGS
+from mars_data.shapes.shards import write_prompts, write_shards
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mars_data.shapes", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    shards = commands.add_parser("shards", help="write webdataset shards of rendered scenes")
+    shards.add_argument("--out", required=True, help="output directory")
+    shards.add_argument("--num-samples", type=int, required=True)
+    shards.add_argument("--seed", type=int, required=True)
+    shards.add_argument("--size", type=int, default=64, help="short side of the canvas in pixels")
+    shards.add_argument("--aspect-ratios", type=_csv, default=("1:1",), help="comma-separated W:H")
+    shards.add_argument("--lang", type=_csv, default=LANGS, help="comma-separated caption languages")
+    shards.add_argument("--samples-per-shard", type=int, default=1000)
+    shards.add_argument("--processes", type=int, default=None, help="default: one per CPU")
+    shards.add_argument("--stream", choices=("train", "val"), default="train", help="random stream")
+    shards.add_argument("--jitter", type=float, default=0.0, help="position jitter of pairs (<= 0.05)")
+
+    prompts = commands.add_parser("prompts", help="write an evaluation prompt file (JSON Lines)")
+    prompts.add_argument("--num", type=int, required=True)
+    prompts.add_argument("--seed", type=int, required=True)
+    prompts.add_argument("--out", required=True)
+
+    args = parser.parse_args(argv)
+    if args.command == "shards":
+        paths = write_shards(
+            args.out,
+            args.num_samples,
+            args.seed,
+            size=args.size,
+            aspect_ratios=args.aspect_ratios,
+            langs=args.lang,
+            samples_per_shard=args.samples_per_shard,
+            processes=args.processes,
+            stream=args.stream,
+            jitter=args.jitter,
+        )
+        print(f"wrote {args.num_samples} samples in {len(paths)} shards to {args.out}", file=sys.stderr)
+    else:
+        write_prompts(args.out, args.num, args.seed)
+        print(f"wrote {args.num} prompts to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

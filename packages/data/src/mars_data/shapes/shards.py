@@ -1,0 +1,177 @@
+"""The shapes world on disk: webdataset shards for training, prompt files for evaluation.
+
+Seed convention: every random stream is a ``random.Random`` seeded with a string that names
+its purpose: ``"mars-shapes/<stream>/<seed>/<shard>"`` for shards (streams ``train`` and
+``val``) and ``"mars-shapes/eval/<seed>"`` for prompt files. Training data, validation data
+and evaluation prompts therefore never share a stream, whatever integer seeds are chosen,
+and a shard's content depends only on its stream, seed, index and the world parameters, not
+on how many processes wrote it.
+
+A shard ``shapes-000000.tar`` holds, per sample ``<key>``: ``<key>.png`` (the image),
+``<key>.txt`` (the caption, UTF-8) and ``<key>.json`` (the scene record plus ``width`` and
+``height``). Shards are written to a temporary name and renamed when complete, so a shard
+that exists is whole.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import multiprocessing
+import os
+import random
+import tarfile
+import time
+from functools import partial
+from pathlib import Path
+
+from tqdm import tqdm
+
+from mars_data.shapes.captions import LANGS, write_caption
+from mars_data.shapes.world import render, sample_scene
+
+SHARD_PATTERN = "shapes-{index:06d}.tar"
+
+
+def aspect_size(size: int, ratio: str) -> tuple[int, int]:
+    """(width, height) of a canvas with aspect ratio ``"W:H"`` whose short side is ``size``."""
+    w, h = (float(x) for x in ratio.split(":"))
+    if w <= 0 or h <= 0:
+        raise ValueError(f"bad aspect ratio {ratio!r}")
+    if w >= h:
+        return round(size * w / h), size
+    return size, round(size * h / w)
+
+
+def sample_record(
+    rng: random.Random,
+    *,
+    langs: tuple[str, ...] = LANGS,
+    num_objects: int | None = None,
+    size: int | None = None,
+    aspect_ratios: tuple[str, ...] = ("1:1",),
+    jitter: float = 0.0,
+) -> dict:
+    """A scene record ``{"prompt", "lang", "scene"}``, plus ``width`` and ``height`` if ``size``."""
+    scene = sample_scene(rng, num_objects, jitter=jitter)
+    lang = rng.choice(langs)
+    record = {"prompt": write_caption(scene, lang, rng), "lang": lang, "scene": scene}
+    if size is not None:
+        record["width"], record["height"] = aspect_size(size, rng.choice(aspect_ratios))
+    return record
+
+
+def shard_records(
+    seed: int,
+    shard: int,
+    count: int,
+    *,
+    stream: str = "train",
+    size: int = 64,
+    aspect_ratios: tuple[str, ...] = ("1:1",),
+    langs: tuple[str, ...] = LANGS,
+    jitter: float = 0.0,
+) -> list[dict]:
+    """The records of one shard, exactly as ``write_shards`` writes them (without rendering)."""
+    rng = random.Random(f"mars-shapes/{stream}/{seed}/{shard}")
+    return [
+        sample_record(rng, langs=langs, size=size, aspect_ratios=aspect_ratios, jitter=jitter)
+        for _ in range(count)
+    ]
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # byte-identical shards for identical parameters
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_shard(shard: int, *, out: Path, num_samples: int, samples_per_shard: int, seed: int, **world) -> int:
+    start = shard * samples_per_shard
+    count = min(samples_per_shard, num_samples - start)
+    path = out / SHARD_PATTERN.format(index=shard)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, record in enumerate(shard_records(seed, shard, count, **world)):
+            key = f"{start + i:09d}"
+            png = io.BytesIO()
+            render(record["scene"], record["width"], record["height"]).save(png, format="PNG")
+            _add_member(tar, f"{key}.png", png.getvalue())
+            _add_member(tar, f"{key}.txt", record["prompt"].encode("utf-8"))
+            _add_member(tar, f"{key}.json", json.dumps(record, ensure_ascii=False).encode("utf-8"))
+    os.replace(tmp, path)
+    return count
+
+
+def write_shards(
+    out: str | Path,
+    num_samples: int,
+    seed: int,
+    *,
+    size: int = 64,
+    aspect_ratios: tuple[str, ...] = ("1:1",),
+    langs: tuple[str, ...] = LANGS,
+    samples_per_shard: int = 1000,
+    stream: str = "train",
+    jitter: float = 0.0,
+    processes: int | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Write ``num_samples`` samples as shards ``out/shapes-000000.tar``, ...; returns their paths.
+
+    Shards are written in parallel by ``processes`` worker processes (default: one per CPU,
+    at most one per shard); ``processes=1`` writes in this process.
+    """
+    if num_samples <= 0 or samples_per_shard <= 0:
+        raise ValueError("num_samples and samples_per_shard must be positive")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    num_shards = math.ceil(num_samples / samples_per_shard)
+    processes = min(processes or os.cpu_count() or 1, num_shards)
+    job = partial(
+        _write_shard,
+        out=out,
+        num_samples=num_samples,
+        samples_per_shard=samples_per_shard,
+        seed=seed,
+        stream=stream,
+        size=size,
+        aspect_ratios=tuple(aspect_ratios),
+        langs=tuple(langs),
+        jitter=jitter,
+    )
+    with tqdm(total=num_samples, unit="sample", desc=f"shapes shards -> {out}", disable=not progress) as bar:
+        if processes == 1:
+            for shard in range(num_shards):
+                bar.update(job(shard))
+        else:
+            with multiprocessing.get_context().Pool(processes) as pool:
+                for count in pool.imap_unordered(job, range(num_shards)):
+                    bar.update(count)
+    return [out / SHARD_PATTERN.format(index=i) for i in range(num_shards)]
+
+
+def eval_rng(seed: int) -> random.Random:
+    """The random stream of evaluation prompt files (disjoint from every shard stream)."""
+    return random.Random(f"mars-shapes/eval/{seed}")
+
+
+def write_prompts(out: str | Path, num: int, seed: int) -> list[dict]:
+    """Write a prompt file (JSON Lines of scene records) and return its records.
+
+    Rows cycle through (1 object, en), (2 objects, en), (1 object, zh), (2 objects, zh), so any
+    prefix of a multiple of 4 rows is balanced: half one-object, half two-object, half en, half
+    zh. Scenes use the world's exact layout (no jitter); caption forms are random.
+    """
+    rng = eval_rng(seed)
+    records = [
+        sample_record(rng, langs=(("en", "zh")[(i // 2) % 2],), num_objects=1 + i % 2) for i in range(num)
+    ]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".{time.time_ns()}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, out)
+    return records
