@@ -24,6 +24,8 @@ def compose_config(overrides: list[str], run_dir: Path, config_name: str = "trai
         cfg.paths.output_dir = str(run_dir / "run")
         cfg.hydra.runtime.output_dir = str(run_dir / "run")
     HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra  # the CLI hands the job its config without the hydra node
     return cfg
 
 

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -34,6 +35,13 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
     @property
     def _on_cpu(self) -> bool:
         return self.accelerator is not None and self.accelerator.__class__.__name__ == "CPUAccelerator"
+
+    @property
+    def root_device(self) -> torch.device:
+        if self._on_cpu:
+            # DeepSpeed reads the rank's device index from root_device; CPU devices carry none.
+            return torch.device("cpu", self.local_rank)
+        return super().root_device
 
     def setup_environment(self) -> None:
         if self._on_cpu:

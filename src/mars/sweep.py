@@ -17,18 +17,19 @@ from omegaconf import DictConfig, OmegaConf
 
 
 def collect_sweep(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """One row per job directory: its number, its overrides and its final metrics."""
-    rows = []
-    for job_dir in sorted(Path(sweep_dir).iterdir(), key=lambda p: (len(p.name), p.name)):
-        if not job_dir.is_dir() or not job_dir.name.isdigit():
-            continue
+    """One row per job directory: its number, the overrides that vary across jobs, its metrics."""
+    jobs = sorted((p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    overrides = []
+    for job_dir in jobs:
         overrides_file = job_dir / ".hydra" / "overrides.yaml"
-        overrides = OmegaConf.load(overrides_file) if overrides_file.exists() else []
+        overrides.append(list(OmegaConf.load(overrides_file)) if overrides_file.exists() else [])
+    shared = set.intersection(*(set(o) for o in overrides)) if len(overrides) > 1 else set()
+    rows = []
+    for job_dir, job_overrides in zip(jobs, overrides):
         metrics_file = job_dir / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-        row: dict[str, Any] = {"job": int(job_dir.name), "overrides": " ".join(overrides)}
+        row: dict[str, Any] = {"job": int(job_dir.name), "overrides": " ".join(o for o in job_overrides if o not in shared)}
         row["status"] = "ok" if metrics_file.exists() else "no metrics (failed or unfinished)"
-        row.update(metrics)
+        row.update(json.loads(metrics_file.read_text()) if metrics_file.exists() else {})
         rows.append(row)
     return rows
 

@@ -1,5 +1,23 @@
-"""mars_semvie: see the package README."""
+"""mars_semvie: SemVIE, MARS's visual experts around a frozen Hugging Face causal LM.
+
+See the package README. Public API:
+- ``SemVIEForCausalLM`` (``from_llm``, ``from_pretrained``, ``save_pretrained``, ``generate``)
+- ``MultimodalVocab`` and ``SPECIAL_TOKENS``: the id layout of the multimodal vocabulary
+"""
 
 from importlib.metadata import version as _version
 
+from mars_semvie.model import KVCache, SemVIEConfig, SemVIEForCausalLM, SemVIEOutput, sample_next
+from mars_semvie.vocab import SPECIAL_TOKENS, MultimodalVocab
+
 __version__ = _version("mars-semvie")
+
+__all__ = [
+    "KVCache",
+    "MultimodalVocab",
+    "SPECIAL_TOKENS",
+    "SemVIEConfig",
+    "SemVIEForCausalLM",
+    "SemVIEOutput",
+    "sample_next",
+]

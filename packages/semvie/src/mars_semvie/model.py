@@ -1,0 +1,410 @@
+"""SemVIE: MARS's mixture of a frozen text LLM and trainable visual experts, in one model.
+
+``SemVIEForCausalLM.from_llm(llm)`` wraps a Hugging Face causal LM of the Qwen2 or Llama
+family (decoder layers with ``self_attn.{q,k,v,o}_proj``, ``mlp``, ``input_layernorm``,
+``post_attention_layernorm``; rotary positions) and runs it layer by layer itself:
+
+    ids ──route──> text rows: the LLM's embedding (frozen)   visual rows: new embedding
+    every layer:
+        x = input_layernorm(h)                                   shared (the LLM's, frozen)
+        q, k, v = text rows: LLM q/k/v_proj    visual rows: trainable copies
+        ONE causal SDPA attention over the whole sequence, the LLM's rotary embedding
+        h = h + (text rows: LLM o_proj         visual rows: trainable copy)(attention)
+        h = h + (text rows: LLM mlp            visual rows: trainable copy)(post_attention_layernorm(h))
+    logits = concat(LLM lm_head(norm(h)), vision_head(norm(h)))   over the multimodal vocabulary
+
+Design choices:
+- Modality comes from the token ids alone (``MultimodalVocab.is_visual``): text ids go to the
+  text expert, visual codes and the six specials to the visual expert.
+- Routing gathers each modality's rows and runs each token once through its own expert
+  (``routing="gather"``). The residual stream is kept in *expert order* (all text rows of the
+  batch, then all visual rows), so the FFN, norms and projections see contiguous slices; only
+  attention needs sequence order, so q, k, v are gathered back and the attention output is
+  gathered forward: four gathers per layer. ``routing="mask"`` runs both experts on every
+  token and selects; it is the reference the tests and the benchmark compare against.
+  A batch of one modality (text-only input, one-token decoding steps) skips routing entirely,
+  so text-only input runs exactly the LLM's computation.
+- The output projection is routed too: visual tokens get a trainable copy of ``o_proj``, as
+  in CogVLM's visual expert that SemVIE follows. Text rows still use the frozen ``o_proj``,
+  so text-only behaviour is exact either way; the copy gives the visual expert the whole
+  attention block to adapt, and it is what makes Qwen-7B come to the paper's size (about
+  14.3B parameters, 6.5B trainable; without it 13.7B / 6.0B).
+- The norms, the rotary embedding and the attention itself are shared. Both heads run on
+  every position: a text token may be followed by an image and a code by text (captioning).
+- Visual embeddings start as the mean of the LLM's input embedding rows; the vision head is
+  initialised like the LLM's linear layers (normal, ``initializer_range``).
+- ``visual_expert=False`` is the paper's ablation: no copies, every token through the LLM's
+  layers, all weights trainable (the new embedding rows and vision head exist in both).
+- With ``visual_expert=True`` every LLM weight has ``requires_grad=False``, so text-only
+  logits equal the LLM's before and after training.
+- No attention dropout and no sliding-window attention (Qwen2's default): a config with
+  sliding-window layers is refused rather than silently run with full attention.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mars_semvie.vocab import MultimodalVocab
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+CONFIG_NAME = "semvie_config.json"
+WEIGHTS_NAME = "semvie.safetensors"  # SemVIE's own weights: visual experts, embeddings, head
+LLM_DIR = "llm"  # where save_pretrained writes the LLM when it is not referenced by path
+
+
+@dataclass
+class SemVIEConfig:
+    text_vocab_size: int  # the LLM's embedding rows (config.vocab_size), e.g. 151,936
+    num_visual_codes: int = 8192  # image tokenizer codebook size
+    visual_expert: bool = True  # False: the paper's "w/o visual expert" ablation
+    routing: str = "gather"  # "gather" (each token once) or "mask" (both experts, reference)
+
+    @property
+    def vocab(self) -> MultimodalVocab:
+        return MultimodalVocab(self.text_vocab_size, self.num_visual_codes)
+
+
+@dataclass
+class SemVIEOutput:
+    logits: torch.Tensor  # (batch, length or logits_to_keep, vocab.size)
+    loss: torch.Tensor | None = None
+    cache: KVCache | None = None
+
+
+class KVCache:
+    """Pre-allocated keys and values of every layer, each (batch, kv_heads, max_length, head_dim).
+
+    ``length`` tokens are filled; the model writes new keys/values after them and advances
+    ``length`` at the end of each forward.
+    """
+
+    def __init__(self, num_layers, batch_size, num_kv_heads, head_dim, max_length, dtype, device):
+        shape = (batch_size, num_kv_heads, max_length, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.max_length = max_length
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache full: {end} tokens > max_length {self.max_length}")
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class VisualExpert(nn.Module):
+    """Trainable copies of one decoder layer's attention projections and FFN."""
+
+    def __init__(self, text_layer: nn.Module):
+        super().__init__()
+        attn = text_layer.self_attn
+        self.q_proj = copy.deepcopy(attn.q_proj)
+        self.k_proj = copy.deepcopy(attn.k_proj)
+        self.v_proj = copy.deepcopy(attn.v_proj)
+        self.o_proj = copy.deepcopy(attn.o_proj)
+        self.mlp = copy.deepcopy(text_layer.mlp)
+
+
+class Router:
+    """Sends the rows of a flattened batch to the text or the visual expert.
+
+    ``visual`` (N,) marks visual rows. In "gather" mode with both modalities present, rows are
+    kept in expert order (text rows first, then visual, each in sequence order) between
+    ``to_expert_order`` and ``to_sequence_order``; otherwise both are the identity.
+    """
+
+    def __init__(self, visual: torch.Tensor, mode: str):
+        if mode not in ("gather", "mask"):
+            raise ValueError(f"routing must be 'gather' or 'mask', got {mode!r}")
+        self.mode = mode
+        self.visual = visual
+        num_visual = int(visual.sum())
+        self.num_text = visual.numel() - num_visual
+        self.only = "text" if num_visual == 0 else "visual" if self.num_text == 0 else None
+        self.permute = mode == "gather" and self.only is None
+        if self.permute:
+            self.order = torch.argsort(visual.to(torch.int8), stable=True)
+            self.inverse = torch.empty_like(self.order)
+            self.inverse[self.order] = torch.arange(visual.numel(), device=visual.device)
+
+    def to_expert_order(self, x: torch.Tensor) -> torch.Tensor:
+        return x.index_select(0, self.order) if self.permute else x
+
+    def to_sequence_order(self, x: torch.Tensor) -> torch.Tensor:
+        return x.index_select(0, self.inverse) if self.permute else x
+
+    def apply(self, text_fn: Callable, visual_fn: Callable, x: torch.Tensor) -> torch.Tensor:
+        """text_fn on text rows, visual_fn on visual rows of ``x`` (in expert order)."""
+        if text_fn is visual_fn or self.only == "text":
+            return text_fn(x)
+        if self.only == "visual":
+            return visual_fn(x)
+        if self.mode == "gather":
+            return torch.cat([text_fn(x[: self.num_text]), visual_fn(x[self.num_text :])])
+        out_text, out_visual = text_fn(x), visual_fn(x)
+        mask = self.visual.view(-1, *([1] * (out_text.dim() - 1)))
+        return torch.where(mask, out_visual, out_text)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding as in Qwen2 / Llama; x (B, heads, L, hd), cos/sin (B, L, hd)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+class SemVIEForCausalLM(nn.Module):
+    """A frozen Hugging Face causal LM plus visual experts; see the module docstring."""
+
+    def __init__(self, llm: nn.Module, config: SemVIEConfig):
+        super().__init__()
+        model_type = getattr(llm.config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"SemVIE wraps {SUPPORTED_MODEL_TYPES} causal LMs, got {model_type!r}")
+        if "sliding_attention" in (getattr(llm.config, "layer_types", None) or ()):
+            raise ValueError("sliding-window attention layers are not supported by SemVIE")
+        if config.text_vocab_size != llm.config.vocab_size:
+            raise ValueError(f"text_vocab_size {config.text_vocab_size} != LLM vocab {llm.config.vocab_size}")
+        self.config = config
+        self.vocab = config.vocab
+        self.llm = llm
+        c = llm.config
+        self.num_heads = c.num_attention_heads
+        self.num_kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+        text_embed = llm.get_input_embeddings().weight
+        factory = dict(device=text_embed.device, dtype=text_embed.dtype)
+        self.visual_embed = nn.Embedding(self.vocab.visual_size, c.hidden_size, **factory)
+        self.vision_head = nn.Linear(c.hidden_size, self.vocab.visual_size, bias=False, **factory)
+        with torch.no_grad():
+            self.visual_embed.weight.copy_(text_embed.mean(0, keepdim=True).expand_as(self.visual_embed.weight))
+            self.vision_head.weight.normal_(0.0, getattr(c, "initializer_range", 0.02))
+        llm.requires_grad_(not config.visual_expert)
+        self.experts = (
+            nn.ModuleList(VisualExpert(layer) for layer in llm.model.layers).requires_grad_(True)
+            if config.visual_expert
+            else None
+        )
+        self.gradient_checkpointing = False
+
+    @classmethod
+    def from_llm(
+        cls, llm: nn.Module, num_visual_codes: int = 8192, visual_expert: bool = True, routing: str = "gather"
+    ) -> SemVIEForCausalLM:
+        """Wrap a loaded Qwen2 / Llama causal LM (e.g. ``AutoModelForCausalLM.from_pretrained(path)``)."""
+        config = SemVIEConfig(llm.config.vocab_size, num_visual_codes, visual_expert, routing)
+        return cls(llm, config)
+
+    def gradient_checkpointing_enable(self, enable: bool = True) -> None:
+        """Recompute each layer's activations in the backward pass (training only)."""
+        self.gradient_checkpointing = enable
+
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        ref = self.visual_embed.weight
+        return KVCache(
+            len(self.llm.model.layers), batch_size, self.num_kv_heads, self.head_dim, max_length, ref.dtype, ref.device
+        )
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        logits_to_keep: int = 0,
+    ) -> SemVIEOutput:
+        """Logits over the multimodal vocabulary (and the shifted next-token loss if labels).
+
+        attention_mask: (B, cached + L), 1 for real tokens, 0 for padding, as in Hugging Face.
+        position_ids: (B, L); default: consecutive positions after the cached tokens.
+        labels: (B, L) targets aligned with input_ids (shifted here), -100 is ignored.
+        cache: a ``new_cache(...)`` to read and extend (generation).
+        logits_to_keep: if > 0, only the last that many positions get logits.
+        """
+        B, L = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + L, device=input_ids.device).expand(B, L)
+        mask, is_causal = self._attention_mask(attention_mask, L, past, input_ids.device)
+        router = Router(self.vocab.is_visual(input_ids).flatten(), self.config.routing)
+
+        T = self.vocab.text_size
+        ids = router.to_expert_order(input_ids.flatten())
+        h = router.apply(
+            lambda i: self.llm.model.embed_tokens(i.clamp(max=T - 1)),
+            lambda i: self.visual_embed((i - T).clamp(min=0)),
+            ids,
+        )
+        cos, sin = self.llm.model.rotary_emb(h, position_ids)
+        for i in range(len(self.llm.model.layers)):
+            args = (i, h, router, cos, sin, mask, is_causal, cache, B, L)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(self._layer, *args, use_reentrant=False)
+            else:
+                h = self._layer(*args)
+        if cache is not None:
+            cache.length += L
+
+        h = router.to_sequence_order(self.llm.model.norm(h)).view(B, L, -1)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = torch.cat([self.llm.lm_head(h), self.vision_head(h)], dim=-1)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+            )
+        return SemVIEOutput(logits=logits, loss=loss, cache=cache)
+
+    def _layer(self, i, h, router: Router, cos, sin, mask, is_causal, cache, B, L) -> torch.Tensor:
+        """One decoder layer on the residual stream h (B*L rows, in the router's expert order)."""
+        text = self.llm.model.layers[i]
+        attn = text.self_attn
+        visual = self.experts[i] if self.experts is not None else attn  # ablation: shared weights
+
+        def heads(proj_text, proj_visual, x, n):  # routed projection -> (B, n, L, head_dim)
+            y = router.to_sequence_order(router.apply(proj_text, proj_visual, x))
+            return y.view(B, L, n, self.head_dim).transpose(1, 2)
+
+        x = text.input_layernorm(h)
+        q = apply_rotary(heads(attn.q_proj, visual.q_proj, x, self.num_heads), cos, sin)
+        k = apply_rotary(heads(attn.k_proj, visual.k_proj, x, self.num_kv_heads), cos, sin)
+        v = heads(attn.v_proj, visual.v_proj, x, self.num_kv_heads)
+        if cache is not None:
+            k, v = cache.update(i, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
+        )
+        y = router.to_expert_order(y.transpose(1, 2).reshape(B * L, -1))
+        h = h + router.apply(attn.o_proj, visual.o_proj, y)
+        h = h + router.apply(text.mlp, visual.mlp, text.post_attention_layernorm(h))
+        return h
+
+    @staticmethod
+    def _attention_mask(attention_mask, L, past, device) -> tuple[torch.Tensor | None, bool]:
+        """(boolean mask (B|1, 1, L, past+L) or None, is_causal) for SDPA."""
+        if attention_mask is None and past == 0:
+            return None, True
+        if attention_mask is None and L == 1:
+            return None, False  # one new token attends to everything cached
+        q_pos = torch.arange(past, past + L, device=device)[:, None]
+        k_pos = torch.arange(past + L, device=device)[None, :]
+        allowed = k_pos <= q_pos
+        if attention_mask is not None:
+            # a padding query may attend itself, so that no row of the mask is empty
+            allowed = (allowed & attention_mask[:, None, : past + L].bool()) | (k_pos == q_pos)
+        return allowed.unsqueeze(-3), False
+
+    # ---------------------------------------------------------------------------- generate
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        attention_mask: torch.Tensor | None = None,
+        temperature: float = 0.0,
+        allowed_ids: slice | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled continuation with the KV cache; (B, max_new_tokens).
+
+        Prompts of different lengths are left-padded with ``attention_mask`` zeros. Only ids in
+        ``allowed_ids`` are sampled (default: every real id; e.g. ``vocab.code_ids`` for images).
+        """
+        B, L = input_ids.shape
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None
+        if attention_mask is None:
+            position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
+        else:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        cache = self.new_cache(B, L + max_new_tokens)
+        out = self(input_ids, attention_mask, position_ids, cache=cache, logits_to_keep=1)
+        tokens = []
+        for step in range(max_new_tokens):
+            token = sample_next(out.logits[:, -1], temperature, allowed_ids or self.vocab.used_ids, generator)
+            tokens.append(token)
+            if step + 1 == max_new_tokens:
+                break
+            position_ids = position_ids[:, -1:] + 1
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+            out = self(token[:, None], attention_mask, position_ids, cache=cache)
+        return torch.stack(tokens, dim=1)
+
+    # ------------------------------------------------------------------------ save / load
+    def save_pretrained(self, save_dir: str | Path, llm_path: str | None = None) -> None:
+        """Write ``semvie_config.json`` and ``semvie.safetensors`` (SemVIE's own weights).
+
+        The LLM's weights are not duplicated when they are frozen: the config records
+        ``llm_path``, by default the directory the LLM was loaded from (``llm.name_or_path``).
+        When the LLM was not loaded from a directory, or its weights are trained
+        (``visual_expert=False``), it is written to ``save_dir/llm`` with ``save_pretrained``.
+        """
+        save_dir = Path(save_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        if not self.config.visual_expert and llm_path is not None:
+            raise ValueError("visual_expert=False trains the LLM's weights: they must be saved, not referenced")
+        source = Path(self.llm.name_or_path or "")
+        if llm_path is None and self.config.visual_expert and self.llm.name_or_path and source.is_dir():
+            llm_path = str(source.resolve())
+        if llm_path is None:
+            self.llm.save_pretrained(save_dir / LLM_DIR)
+            llm_path = LLM_DIR
+        own = {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith("llm.")}
+        save_file(own, save_dir / WEIGHTS_NAME)
+        (save_dir / CONFIG_NAME).write_text(json.dumps({**asdict(self.config), "llm_path": llm_path}, indent=2))
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, llm_path: str | None = None, dtype: torch.dtype | None = None
+    ) -> SemVIEForCausalLM:
+        """Load a ``save_pretrained`` directory; ``llm_path`` overrides where the LLM is read from."""
+        from transformers import AutoModelForCausalLM
+
+        path = Path(path)
+        meta = json.loads((path / CONFIG_NAME).read_text())
+        stored_llm_path = meta.pop("llm_path")
+        llm_dir = Path(llm_path or stored_llm_path)
+        if not llm_dir.is_absolute() and not llm_path:
+            llm_dir = path / llm_dir
+        llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype)
+        model = cls(llm, SemVIEConfig(**meta))
+        missing, unexpected = model.load_state_dict(load_file(path / WEIGHTS_NAME), strict=False)
+        missing = [k for k in missing if not k.startswith("llm.")]
+        if missing or unexpected:
+            raise RuntimeError(f"{path / WEIGHTS_NAME}: missing {missing}, unexpected {unexpected}")
+        return model
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, allowed_ids: slice, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V), restricted to ``allowed_ids``."""
+    logits = logits[:, allowed_ids]
+    if temperature == 0:
+        index = logits.argmax(dim=-1)
+    else:
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        index = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return index + (allowed_ids.start or 0)

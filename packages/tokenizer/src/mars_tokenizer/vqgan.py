@@ -1,0 +1,358 @@
+"""VQ-GAN autoencoder: convolutional encoder, vector quantizer, convolutional decoder.
+
+Design choices
+--------------
+- **taming-transformers' architecture, module for module.** The encoder and decoder are the
+  ResNet + attention stacks of taming-transformers (Esser et al., 2021), with the same module
+  names, so a taming-format state dict loads into this model unchanged (see
+  ``mars_tokenizer.taming``) and gives the same codes and reconstructions. We write the modules
+  ourselves instead of importing taming: its package pulls torchvision and training code.
+  Two departures, both off for imported checkpoints: the GroupNorm group count is a setting
+  (taming fixes 32, too many for small channel counts) and attention uses
+  ``scaled_dot_product_attention`` (same maths).
+- **Downsampling factor = 2 ** (len(ch_mult) - 1).** The networks are fully convolutional (plus
+  attention over positions), so any height and width that are multiples of that factor work:
+  a 256x384 image gives 16x24 codes at factor 16.
+- **l2-normalised low-dimensional codes against dead codes** (``l2_normalize=True``, small
+  ``codebook_dim``; Yu et al., ViT-VQGAN; LlamaGen): the encoder output is projected to a few
+  dimensions and both it and the codebook are normalised, so nearest-neighbour search is a
+  cosine match on the sphere where codes stay close to the encoder outputs. Together with
+  GroupNorm in the encoder (without it the codebook collapsed to 1-10 codes on the shapes world)
+  and restarts of codes that stay unused (``VectorQuantizer.restart_dead_codes``, driven by the
+  training module), the codebook stays in use. We keep a learned codebook rather than FSQ so
+  that codebook/commitment losses and taming checkpoints share one quantizer.
+- **Straight-through estimator** for the quantizer, with the codebook loss
+  ||sg[z] - e||^2 and the commitment loss beta * ||z - sg[e]||^2 returned separately.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class VQGANConfig:
+    """Architecture of a VQ-GAN. ``VQGANConfig.from_preset("shapes")`` gives a named preset."""
+
+    # training image side; decides where attention blocks sit (attn_resolutions), nothing else:
+    # any height/width that is a multiple of `downsample` can be encoded
+    resolution: int = 256
+    in_channels: int = 3
+    # base channel count and its multiplier per resolution level; len(ch_mult) - 1 halvings
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    # residual blocks per level (the decoder uses one more, as in taming)
+    num_res_blocks: int = 2
+    # feature-map sides (at `resolution`) that get a self-attention block after each res block
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.0
+    # channels of the encoder output / decoder input
+    z_channels: int = 256
+    # number of codes and their dimension (quant_conv projects z_channels -> codebook_dim)
+    codebook_size: int = 8192
+    codebook_dim: int = 8
+    # cosine (l2-normalised) nearest-neighbour codes; False reproduces taming's plain VQ
+    l2_normalize: bool = True
+    # GroupNorm groups (taming: 32); must divide every channel count
+    norm_groups: int = 32
+    # weight of the commitment loss
+    beta: float = 0.25
+
+    def __post_init__(self) -> None:
+        self.ch_mult = tuple(int(m) for m in self.ch_mult)
+        self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
+        for channels in {self.ch * m for m in self.ch_mult}:
+            if channels % self.norm_groups:
+                raise ValueError(f"norm_groups={self.norm_groups} does not divide {channels} channels")
+        if self.resolution % self.downsample:
+            raise ValueError(f"resolution={self.resolution} is not a multiple of downsample={self.downsample}")
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "VQGANConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**asdict(PRESETS[name]), **overrides})
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+PRESETS: dict[str, VQGANConfig] = {
+    # MARS: downsample 16 (256x256 -> 16x16 codes), 8192 codes; taming's f16 networks
+    "paper": VQGANConfig(),
+    # shapes world at 64x64: downsample 16 as in the paper (4x4 = 16 codes per image, measured
+    # to reconstruct this world), 512 codes are plenty for 6 colours x 3 shapes x positions;
+    # small channel counts keep a CPU step cheap; GroupNorm(8) in every block
+    "shapes": VQGANConfig(
+        resolution=64, ch=16, ch_mult=(1, 2, 2, 4, 4), num_res_blocks=1, attn_resolutions=(),
+        z_channels=64, codebook_size=512, codebook_dim=8, norm_groups=8,
+    ),
+    # unit tests: downsample 4, a few thousand parameters
+    "tiny": VQGANConfig(
+        resolution=16, ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
+        z_channels=8, codebook_size=32, codebook_dim=4, norm_groups=4,
+    ),
+}
+
+
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = _norm(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = _norm(out_channels, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if hasattr(self, "nin_shortcut"):
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all positions of a feature map."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = _norm(channels, groups)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        hn = self.norm(x)
+        q, k, v = (proj(hn).reshape(b, 1, c, h * w).transpose(-1, -2) for proj in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # taming's asymmetric padding
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution level: residual blocks, optional attention after each, optional resampling."""
+
+    def __init__(self, blocks: list[ResnetBlock], attns: list[AttnBlock], resample: nn.Module | None, name: str):
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        self.attn = nn.ModuleList(attns)
+        self.resample_name = name  # "downsample" / "upsample", as taming names them
+        if resample is not None:
+            self.add_module(name, resample)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.block):
+            x = block(x)
+            if self.attn:
+                x = self.attn[i](x)
+        resample = getattr(self, self.resample_name, None)
+        return x if resample is None else resample(x)
+
+
+class Mid(nn.Module):
+    def __init__(self, channels: int, dropout: float, groups: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, dropout, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, dropout, groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VQGANConfig):
+        super().__init__()
+        g = cfg.norm_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        res, block_in, levels = cfg.resolution, cfg.ch, []
+        for i, mult in enumerate(cfg.ch_mult):
+            block_out = cfg.ch * mult
+            blocks, attns = [], []
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResnetBlock(block_in, block_out, cfg.dropout, g))
+                block_in = block_out
+                if res in cfg.attn_resolutions:
+                    attns.append(AttnBlock(block_in, g))
+            last = i == len(cfg.ch_mult) - 1
+            levels.append(Level(blocks, attns, None if last else Downsample(block_in), "downsample"))
+            res = res if last else res // 2
+        self.down = nn.ModuleList(levels)
+        self.mid = Mid(block_in, cfg.dropout, g)
+        self.norm_out = _norm(block_in, g)
+        self.conv_out = nn.Conv2d(block_in, cfg.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VQGANConfig):
+        super().__init__()
+        g = cfg.norm_groups
+        block_in = cfg.ch * cfg.ch_mult[-1]
+        res = cfg.resolution // cfg.downsample
+        self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
+        self.mid = Mid(block_in, cfg.dropout, g)
+        levels = []
+        for i in reversed(range(len(cfg.ch_mult))):
+            block_out = cfg.ch * cfg.ch_mult[i]
+            blocks, attns = [], []
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(ResnetBlock(block_in, block_out, cfg.dropout, g))
+                block_in = block_out
+                if res in cfg.attn_resolutions:
+                    attns.append(AttnBlock(block_in, g))
+            levels.insert(0, Level(blocks, attns, Upsample(block_in) if i else None, "upsample"))
+            res = res * 2 if i else res
+        self.up = nn.ModuleList(levels)  # indexed by level like the encoder; run in reverse
+        self.norm_out = _norm(block_in, g)
+        self.conv_out = nn.Conv2d(block_in, cfg.in_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-neighbour codebook with straight-through gradients and dead-code restarts."""
+
+    def __init__(self, size: int, dim: int, l2_normalize: bool, beta: float):
+        super().__init__()
+        self.size, self.dim, self.l2_normalize, self.beta = size, dim, l2_normalize, beta
+        self.embedding = nn.Embedding(size, dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / size, 1.0 / size)
+        # running count of how often each code was picked in training (not saved: a statistic)
+        self.register_buffer("usage", torch.zeros(size), persistent=False)
+
+    def codebook(self) -> torch.Tensor:
+        e = self.embedding.weight
+        return F.normalize(e, dim=-1) if self.l2_normalize else e
+
+    def _prepare(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, D, h, w) -> (B*h*w, D), normalised when the codebook is."""
+        flat = z.permute(0, 2, 3, 1).reshape(-1, self.dim)
+        return F.normalize(flat, dim=-1) if self.l2_normalize else flat
+
+    def nearest(self, flat: torch.Tensor) -> torch.Tensor:
+        e = self.codebook()
+        d = flat.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * flat @ e.t()
+        return d.argmin(dim=1)
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) code indices -> (B, D, h, w) code vectors."""
+        return self.codebook()[codes].permute(0, 3, 1, 2).contiguous()
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (z_q with straight-through gradient, codes (B, h, w), codebook loss, commitment loss)."""
+        b, _, h, w = z.shape
+        flat = self._prepare(z)
+        codes = self.nearest(flat.detach())
+        q = self.codebook()[codes]
+        codebook_loss = F.mse_loss(q, flat.detach())
+        commitment_loss = self.beta * F.mse_loss(flat, q.detach())
+        q = flat + (q - flat).detach()
+        z_q = q.reshape(b, h, w, self.dim).permute(0, 3, 1, 2).contiguous()
+        if self.training:
+            with torch.no_grad():
+                self.usage.mul_(0.99).add_(torch.bincount(codes, minlength=self.size).float())
+        return z_q, codes.reshape(b, h, w), codebook_loss, commitment_loss
+
+    @torch.no_grad()
+    def restart_dead_codes(self, z: torch.Tensor, threshold: float = 1e-3) -> int:
+        """Move codes whose running usage fell below `threshold` onto random encoder outputs.
+
+        `z` is a batch of (pre-quantization) encoder outputs (B, D, h, w). Returns how many codes
+        were restarted. Restarted codes get a fresh usage of 1 so they are not restarted again
+        before they had a chance to be picked.
+        """
+        dead = (self.usage < threshold).nonzero().squeeze(1)
+        if dead.numel() == 0:
+            return 0
+        flat = self._prepare(z)
+        picks = torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)
+        noise = 0.01 * flat.std() * torch.randn(dead.numel(), self.dim, device=flat.device)
+        self.embedding.weight[dead] = (flat[picks] + noise).to(self.embedding.weight.dtype)
+        self.usage[dead] = 1.0
+        return int(dead.numel())
+
+
+class VQGAN(nn.Module):
+    """Encoder -> quant_conv -> quantizer -> post_quant_conv -> decoder (taming's VQModel)."""
+
+    def __init__(self, config: VQGANConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.quant_conv = nn.Conv2d(config.z_channels, config.codebook_dim, 1)
+        self.quantize = VectorQuantizer(config.codebook_size, config.codebook_dim, config.l2_normalize, config.beta)
+        self.post_quant_conv = nn.Conv2d(config.codebook_dim, config.z_channels, 1)
+        self.decoder = Decoder(config)
+
+    def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> continuous codebook-space latents (B, codebook_dim, h, w)."""
+        return self.quant_conv(self.encoder(x))
+
+    def decode_latent(self, z_q: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z_q))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.encode_latent(x)
+        z_q, codes, codebook_loss, commitment_loss = self.quantize(z)
+        return {
+            "reconstruction": self.decode_latent(z_q),
+            "codes": codes,
+            "latent": z,
+            "codebook_loss": codebook_loss,
+            "commitment_loss": commitment_loss,
+        }
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def codebook_perplexity(codes: torch.Tensor, size: int) -> float:
+    """exp(entropy) of the code histogram: the effective number of codes in use."""
+    p = torch.bincount(codes.flatten(), minlength=size).float()
+    p = p / p.sum()
+    return math.exp(-(p[p > 0] * p[p > 0].log()).sum().item())
