@@ -1,0 +1,181 @@
+"""Lightning datamodules over webdataset shards.
+
+``ShardDataModule`` reads any shards in the layouts of ``mars_data.webdata`` (local
+directories, paths, brace patterns or URLs); ``ShapesDataModule`` is the same over the shapes
+world, whose ``prepare_data`` writes the shards first if they are not there yet (Lightning
+calls it once per node, before ``setup``), so a training run needs no separate data step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from mars_data.shapes.captions import LANGS
+from mars_data.shapes.shards import write_shards
+from mars_data.webdata import SkipCounter, expand_urls, shard_pipeline
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Batches of images, captions, scene records and (optionally) pre-tokenized codes.
+
+    Args:
+        train_shards, val_shards: directory, path, brace pattern or URL, or a list of them.
+        batch_size: samples per batch (per process); ``val_batch_size`` defaults to it.
+        num_workers: DataLoader worker processes; shards are split between them.
+        shuffle_buffer: samples held for shuffling the training stream (0: no shuffling).
+        resampled: draw training shards at random with replacement, forever; needs
+            ``samples_per_epoch``. Use it with several processes or workers, so every one of
+            them gets data however few shards there are.
+        samples_per_epoch: length of a training epoch (over all processes); None: one pass.
+        load_images: decode images into ``batch["image"]``; off for code-only training, where
+            image bytes are then never decoded.
+        load_codes: read ``codes.npy`` members into ``batch["codes"]``; samples without one
+            are skipped (and counted).
+        image_size: resize the short side to this and crop the centre square; None keeps the
+            stored size (batches are bucketed by size).
+    """
+
+    def __init__(
+        self,
+        train_shards: str | Sequence[str],
+        val_shards: str | Sequence[str] | None = None,
+        batch_size: int = 64,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+        samples_per_epoch: int | None = None,
+        load_images: bool = True,
+        load_codes: bool = False,
+        image_size: int | None = None,
+    ):
+        super().__init__()
+        if resampled and not samples_per_epoch:
+            raise ValueError("resampled shards never end: set samples_per_epoch")
+        self.train_shards = train_shards
+        self.val_shards = val_shards
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.resampled = resampled
+        self.samples_per_epoch = samples_per_epoch
+        self.decoding = {"load_images": load_images, "load_codes": load_codes, "image_size": image_size}
+        self.skips = SkipCounter()
+
+    @property
+    def skipped(self) -> int:
+        """Samples and shard reads skipped so far, over this process and its workers."""
+        return self.skips.count
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    def _loader(self, pipeline) -> DataLoader:
+        return DataLoader(
+            pipeline,
+            batch_size=None,  # the pipeline batches (by size bucket)
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        batches_per_worker = None
+        if self.samples_per_epoch:
+            batches = math.ceil(self.samples_per_epoch / (self.batch_size * self._world_size()))
+            batches_per_worker = math.ceil(batches / max(1, self.num_workers))
+        pipeline = shard_pipeline(
+            expand_urls(self.train_shards),
+            batch_size=self.batch_size,
+            skips=self.skips,
+            shuffle_buffer=self.shuffle_buffer,
+            resampled=self.resampled,
+            batches_per_worker=batches_per_worker,
+            **self.decoding,
+        )
+        return self._loader(pipeline)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_shards is None:
+            return []  # Lightning then runs no validation
+        pipeline = shard_pipeline(
+            expand_urls(self.val_shards), batch_size=self.val_batch_size, skips=self.skips, **self.decoding
+        )
+        return self._loader(pipeline)
+
+
+class ShapesDataModule(ShardDataModule):
+    """A ShardDataModule over the shapes world, generated on first use.
+
+    The shards of a split live in ``root/<split>-<samples>-<digest>``, the digest naming the
+    generation parameters, so changing them makes new data and never reuses stale shards; a
+    ``manifest.json`` written last marks a split as complete. The training split uses the
+    ``train`` random stream of ``seed``, validation the ``val`` stream (see
+    ``mars_data.shapes.shards``); evaluation prompt files use a third stream.
+
+    Args:
+        root: directory for the generated shards.
+        num_train_samples, num_val_samples: sizes of the splits (0 validation: none).
+        seed, size, aspect_ratios, langs, samples_per_shard, jitter: as in
+            ``mars_data.shapes.write_shards``; ``processes`` is how many write them.
+        **loader: ShardDataModule arguments (batch_size, num_workers, ...).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        num_train_samples: int = 10_000,
+        num_val_samples: int = 256,
+        seed: int = 0,
+        size: int = 64,
+        aspect_ratios: Sequence[str] = ("1:1",),
+        langs: Sequence[str] = LANGS,
+        samples_per_shard: int = 1000,
+        jitter: float = 0.0,
+        processes: int | None = None,
+        **loader,
+    ):
+        self.root = Path(root)
+        self.world = {
+            "seed": seed,
+            "size": size,
+            "aspect_ratios": [str(r) for r in aspect_ratios],
+            "langs": [str(lang) for lang in langs],
+            "samples_per_shard": samples_per_shard,
+            "jitter": jitter,
+        }
+        self.processes = processes
+        self.splits = {"train": num_train_samples, "val": num_val_samples}
+        train_dir = self.split_dir("train")
+        val_dir = self.split_dir("val") if num_val_samples else None
+        super().__init__(train_shards=str(train_dir), val_shards=val_dir and str(val_dir), **loader)
+
+    def split_dir(self, split: str) -> Path:
+        params = {"split": split, "num_samples": self.splits[split], **self.world}
+        digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+        return self.root / f"{split}-{self.splits[split]}-{digest}"
+
+    def prepare_data(self) -> None:
+        for split, num_samples in self.splits.items():
+            directory = self.split_dir(split)
+            manifest = directory / "manifest.json"
+            if num_samples == 0 or manifest.exists():
+                continue
+            world = dict(self.world)
+            paths = write_shards(
+                directory,
+                num_samples,
+                world.pop("seed"),
+                stream=split,
+                processes=self.processes,
+                **world,
+            )
+            params = {"split": split, "num_samples": num_samples, **self.world}
+            manifest.write_text(json.dumps({**params, "shards": [p.name for p in paths]}, indent=2))
