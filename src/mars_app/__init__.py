@@ -2,4 +2,4 @@
 
 from importlib.metadata import version as _version
 
-__version__ = _version("mars")
+__version__ = _version("mars-app")
