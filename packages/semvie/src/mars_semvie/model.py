@@ -47,6 +47,7 @@ import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -280,7 +281,10 @@ class SemVIEForCausalLM(nn.Module):
         """One decoder layer on the residual stream h (B*L rows, in the router's expert order)."""
         text = self.llm.model.layers[i]
         attn = text.self_attn
-        visual = self.experts[i] if self.experts is not None else attn  # ablation: shared weights
+        if self.experts is not None:
+            visual = self.experts[i]
+        else:  # the ablation: visual tokens through the same (trainable) modules
+            visual = SimpleNamespace(q_proj=attn.q_proj, k_proj=attn.k_proj, v_proj=attn.v_proj, o_proj=attn.o_proj, mlp=text.mlp)
 
         def heads(proj_text, proj_visual, x, n):  # routed projection -> (B, n, L, head_dim)
             y = router.to_sequence_order(router.apply(proj_text, proj_visual, x))

@@ -1,0 +1,211 @@
+"""SemVIE against the Hugging Face model it wraps (litgpt-style parity), routing, grads, I/O."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM
+
+from mars_semvie import MultimodalVocab, SemVIEForCausalLM
+
+T = 96  # text vocabulary of the tiny configs (conftest)
+NUM_CODES = 16
+FAMILIES = ["qwen2", "llama"]
+
+
+def text_ids(batch=2, length=12, seed=0):
+    return torch.randint(0, T, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def t2i_ids(batch=2, text=8, image=9, seed=0):
+    """[text][image_start][codes]: the text-to-image layout."""
+    vocab = MultimodalVocab(T, NUM_CODES)
+    g = torch.Generator().manual_seed(seed)
+    codes = vocab.codes_to_ids(torch.randint(0, NUM_CODES, (batch, image), generator=g))
+    start = torch.full((batch, 1), vocab.image_start)
+    return torch.cat([text_ids(batch, text, seed), start, codes], dim=1)
+
+
+def mixed_ids(batch=2, length=20, seed=0):
+    """Text and visual ids interleaved at random: every routing boundary case at once."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = MultimodalVocab(T, NUM_CODES)
+    ids = torch.randint(0, vocab.used_ids.stop, (batch, length), generator=g)
+    ids[0, :3] = torch.tensor([1, 2, 3])  # a text run
+    ids[1, :3] = vocab.codes_to_ids(torch.tensor([1, 2, 3]))  # a visual run
+    return ids
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tie", [False, True])
+def test_text_only_logits_equal_the_wrapped_model(build_tiny_semvie, family, tie):
+    model, llm = build_tiny_semvie(family, tie_word_embeddings=tie)
+    ids = text_ids()
+    logits = model(ids).logits
+    assert logits.shape == (2, 12, model.vocab.size)
+    assert_close(logits[..., :T], llm(ids).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_text_only_logits_with_kv_cache_equal_the_wrapped_model(build_tiny_semvie, family):
+    model, llm = build_tiny_semvie(family)
+    ids = text_ids(length=14)
+    cache = model.new_cache(2, 14)
+    chunks = [model(ids[:, :6], cache=cache).logits]  # prefill, then one token at a time, then 3
+    chunks += [model(ids[:, i : i + 1], cache=cache).logits for i in range(6, 11)]
+    chunks.append(model(ids[:, 11:], cache=cache).logits)
+    assert cache.length == 14
+    assert_close(torch.cat(chunks, dim=1)[..., :T], llm(ids).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_text_generation_equals_hugging_face_generate(build_tiny_semvie, family):
+    model, llm = build_tiny_semvie(family)
+    ids = text_ids(length=5)
+    ours = model.generate(ids, 8, allowed_ids=slice(0, T))
+    mask = torch.ones_like(ids)
+    theirs = llm.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(ours, theirs[:, 5:])
+
+
+def test_left_padded_prompts_generate_as_if_alone(build_tiny_semvie):
+    model, _ = build_tiny_semvie()
+    long, short = t2i_ids(1, text=7, image=0, seed=1), t2i_ids(1, text=4, image=0, seed=2)
+    pad = torch.zeros(1, 3, dtype=torch.long)
+    batch = torch.cat([long, torch.cat([pad, short], dim=1)])
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0
+    together = model.generate(batch, 6, attention_mask=mask, allowed_ids=model.vocab.code_ids)
+    assert torch.equal(together[0], model.generate(long, 6, allowed_ids=model.vocab.code_ids)[0])
+    assert torch.equal(together[1], model.generate(short, 6, allowed_ids=model.vocab.code_ids)[0])
+    assert bool(model.vocab.is_code(together).all())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_visual_weights_change_no_text_output(build_tiny_semvie, perturb_visual_weights, family):
+    model, llm = build_tiny_semvie(family)
+    ids, t2i = text_ids(), t2i_ids()
+    before = model(t2i).logits
+    perturb_visual_weights(model)
+    assert_close(model(ids).logits[..., :T], llm(ids).logits, rtol=0, atol=0)
+    after = model(t2i).logits
+    # the prompt positions of a text-to-image sequence are text: their text logits stay put ...
+    assert torch.equal(after[:, :8, :T], before[:, :8, :T])
+    # ... while the image positions do change
+    assert not torch.allclose(after[:, 8:], before[:, 8:])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gather_routing_equals_computing_both_experts_and_masking(build_tiny_semvie, perturb_visual_weights, family):
+    routed, _ = build_tiny_semvie(family, routing="gather")
+    masked, _ = build_tiny_semvie(family, routing="mask")
+    perturb_visual_weights(routed)
+    masked.load_state_dict(routed.state_dict())
+    ids = mixed_ids()
+    assert 0 < int(routed.vocab.is_visual(ids).sum()) < ids.numel()
+    assert_close(routed(ids).logits, masked(ids).logits)
+
+
+def test_mixed_sequence_with_kv_cache_equals_full_forward(build_tiny_semvie, perturb_visual_weights):
+    model, _ = build_tiny_semvie()
+    perturb_visual_weights(model)
+    ids = mixed_ids(length=16)
+    cache = model.new_cache(2, 16)
+    chunks = [model(ids[:, :9], cache=cache).logits] + [model(ids[:, i : i + 1], cache=cache).logits for i in range(9, 16)]
+    assert_close(torch.cat(chunks, dim=1), model(ids).logits, rtol=1e-4, atol=1e-4)  # logits ~10: float32 noise
+
+
+def test_gradients_reach_only_trainable_weights(build_tiny_semvie):
+    model, _ = build_tiny_semvie()
+    model.train()
+    ids = t2i_ids()
+    labels = ids.clone()
+    labels[:, :9] = -100  # loss on the codes only, as in text-to-image training
+    model(ids, labels=labels).loss.backward()
+    for name, p in model.named_parameters():
+        if name.startswith("llm."):
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("experts.0.q_proj") for n in trainable)
+    assert any(n.startswith("experts.1.mlp") for n in trainable)
+    assert {"visual_embed.weight", "vision_head.weight"} <= trainable
+
+
+def test_loss_matches_cross_entropy_of_shifted_logits(build_tiny_semvie):
+    model, _ = build_tiny_semvie()
+    ids = mixed_ids()
+    labels = ids.clone()
+    labels[0, 5:] = -100
+    out = model(ids, labels=labels)
+    keep = labels[:, 1:] != -100
+    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1][keep], labels[:, 1:][keep])
+    assert_close(out.loss, expected)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(build_tiny_semvie):
+    grads = []
+    for ckpt in (False, True):
+        model, _ = build_tiny_semvie()
+        model.gradient_checkpointing_enable(ckpt)
+        model.train()
+        ids = mixed_ids()
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert_close(grads[0], grads[1])
+
+
+def test_ablation_shares_and_tunes_every_weight(build_tiny_semvie):
+    model, llm = build_tiny_semvie(visual_expert=False)
+    assert model.experts is None
+    assert all(p.requires_grad for p in model.parameters())
+    ids = text_ids()
+    assert_close(model(ids).logits[..., :T], llm(ids).logits)
+    expert, _ = build_tiny_semvie(visual_expert=True)
+    n_ablation = sum(p.numel() for p in model.parameters())
+    n_expert = sum(p.numel() for p in expert.parameters())
+    assert n_expert > n_ablation
+
+
+def test_visual_embeddings_start_as_the_mean_text_embedding(build_tiny_semvie):
+    model, llm = build_tiny_semvie()
+    mean = llm.get_input_embeddings().weight.mean(0)
+    assert_close(model.visual_embed.weight, mean.expand_as(model.visual_embed.weight))
+
+
+def test_save_load_round_trip_references_the_llm_path(build_tiny_llm, perturb_visual_weights, tmp_path):
+    build_tiny_llm().save_pretrained(tmp_path / "qwen")
+    llm = AutoModelForCausalLM.from_pretrained(tmp_path / "qwen")
+    model = SemVIEForCausalLM.from_llm(llm, NUM_CODES).eval()
+    perturb_visual_weights(model)
+    model.save_pretrained(tmp_path / "semvie")
+    meta = json.loads((tmp_path / "semvie" / "semvie_config.json").read_text())
+    assert meta["llm_path"] == str((tmp_path / "qwen").resolve())
+    assert not (tmp_path / "semvie" / "llm").exists()  # frozen text weights are not duplicated
+    loaded = SemVIEForCausalLM.from_pretrained(tmp_path / "semvie").eval()
+    ids = mixed_ids()
+    assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert all(not p.requires_grad for p in loaded.llm.parameters())
+
+
+def test_save_load_round_trip_of_the_ablation_saves_the_llm(build_tiny_semvie, tmp_path):
+    model, _ = build_tiny_semvie("llama", visual_expert=False)
+    with torch.no_grad():
+        model.llm.model.layers[0].mlp.up_proj.weight.add_(1.0)  # a tuned text weight
+    model.save_pretrained(tmp_path / "semvie")
+    assert (tmp_path / "semvie" / "llm" / "config.json").exists()
+    loaded = SemVIEForCausalLM.from_pretrained(tmp_path / "semvie").eval()
+    ids = mixed_ids()
+    assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert loaded.experts is None
+
+
+def test_refuses_unsupported_models(build_tiny_llm):
+    llm = build_tiny_llm()
+    llm.config.model_type = "gpt2"
+    with pytest.raises(ValueError, match="wraps"):
+        SemVIEForCausalLM.from_llm(llm, NUM_CODES)
