@@ -23,8 +23,6 @@ ones, as a multiset, whatever shape (colour) they come with.
 
 from __future__ import annotations
 
-from collections import deque
-
 import numpy as np
 from PIL import Image
 
@@ -39,7 +37,7 @@ MIN_OFFSET = 0.1
 METRICS = ("single_binding", "pair_binding", "spatial", "color", "shape")
 
 _COLOR_NAMES = list(COLORS)
-_PALETTE = np.array([COLORS[c] for c in _COLOR_NAMES] + [BACKGROUND], dtype=np.float32)
+_PALETTE = np.array([COLORS[c] for c in _COLOR_NAMES] + [BACKGROUND], dtype=np.int32)
 
 
 def _as_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -53,33 +51,38 @@ def _as_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
 
 def classify_pixels(array: np.ndarray) -> np.ndarray:
     """Palette index of every pixel (H, W), or -1 for background and unclassified pixels."""
-    distances = np.linalg.norm(array[:, :, None, :].astype(np.float32) - _PALETTE, axis=-1)
-    nearest = distances.argmin(axis=-1)
-    is_color = (nearest < len(_COLOR_NAMES)) & (distances.min(axis=-1) <= COLOR_TOLERANCE)
+    squared = ((array[:, :, None, :].astype(np.int32) - _PALETTE) ** 2).sum(axis=-1)
+    nearest = squared.argmin(axis=-1)
+    is_color = (nearest < len(_COLOR_NAMES)) & (squared.min(axis=-1) <= COLOR_TOLERANCE**2)
     return np.where(is_color, nearest, -1)
 
 
-def _regions(classes: np.ndarray):
-    """Yield (palette index, ys, xs) of each 4-connected region of equal palette index."""
+def label_regions(classes: np.ndarray) -> np.ndarray:
+    """Label the 4-connected regions of equal palette index: every pixel of a region gets the
+    smallest flat index in it (-1 off regions). Vectorised: labels flow to smaller neighbours
+    of the same colour, and pointer jumping (a label's own label) carries them far quickly."""
     height, width = classes.shape
-    labels = classes.tolist()
-    seen = [[False] * width for _ in range(height)]
-    for y0, x0 in zip(*np.nonzero(classes >= 0)):
-        y0, x0 = int(y0), int(x0)
-        if seen[y0][x0]:
-            continue
-        color = labels[y0][x0]
-        seen[y0][x0] = True
-        queue, ys, xs = deque([(y0, x0)]), [], []
-        while queue:
-            y, x = queue.popleft()
-            ys.append(y)
-            xs.append(x)
-            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= ny < height and 0 <= nx < width and not seen[ny][nx] and labels[ny][nx] == color:
-                    seen[ny][nx] = True
-                    queue.append((ny, nx))
-        yield color, np.array(ys), np.array(xs)
+    on = classes >= 0
+    labels = np.where(on, np.arange(height * width).reshape(height, width), -1)
+    joins = [  # (one side, other side, same colour) of horizontal and vertical neighbour pairs
+        (np.s_[:, :-1], np.s_[:, 1:], on[:, :-1] & (classes[:, :-1] == classes[:, 1:])),
+        (np.s_[:-1, :], np.s_[1:, :], on[:-1, :] & (classes[:-1, :] == classes[1:, :])),
+    ]
+    flat = labels.reshape(-1)
+    members = np.flatnonzero(on)
+    while True:
+        before = labels.copy()
+        for first, second, same in joins:
+            smaller = np.minimum(labels[first], labels[second])
+            for side in (first, second):  # labels only ever decrease
+                labels[side] = np.where(same, np.minimum(labels[side], smaller), labels[side])
+        while True:
+            jumped = flat[flat[members]]
+            if np.array_equal(jumped, flat[members]):
+                break
+            flat[members] = jumped
+        if np.array_equal(labels, before):
+            return labels
 
 
 def _classify_shape(ys: np.ndarray, xs: np.ndarray) -> tuple[str | None, float]:
@@ -103,11 +106,15 @@ def detect(image: Image.Image | np.ndarray) -> list[dict]:
     "iou"}]`` with centre and area as fractions of the canvas, largest first."""
     array = _as_rgb_array(image)
     height, width = array.shape[:2]
+    classes = classify_pixels(array)
+    labels = label_regions(classes)
+    ids, areas = np.unique(labels[labels >= 0], return_counts=True)
     found = []
-    for color, ys, xs in _regions(classify_pixels(array)):
-        area = len(ys) / (height * width)
+    for region, area in zip(ids, areas / (height * width)):
         if area < MIN_AREA_FRACTION:
             continue
+        ys, xs = np.nonzero(labels == region)
+        color = classes[ys[0], xs[0]]
         shape, iou = _classify_shape(ys, xs)
         found.append(
             {
@@ -115,7 +122,7 @@ def detect(image: Image.Image | np.ndarray) -> list[dict]:
                 "shape": shape,
                 "cx": float((xs.min() + xs.max() + 1) / 2 / width),
                 "cy": float((ys.min() + ys.max() + 1) / 2 / height),
-                "area": round(area, 4),
+                "area": round(float(area), 4),
                 "iou": round(iou, 3),
             }
         )

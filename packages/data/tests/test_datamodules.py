@@ -1,0 +1,195 @@
+"""Datamodules over webdataset shards: batch format, buckets, codes, broken data, generation."""
+
+import io
+import json
+import logging
+import math
+import tarfile
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mars_data import ShapesDataModule, ShardDataModule
+from mars_data.shapes import render, write_shards
+from mars_data.webdata import expand_urls
+
+
+def write_tar(path, samples):
+    """Write {key: {ext: bytes}} samples as a tar shard."""
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples.items():
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def encode(image, fmt="PNG"):
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("shapes")
+    write_shards(directory, 60, seed=0, size=32, aspect_ratios=("1:1", "2:1"), samples_per_shard=20,
+                 processes=1, progress=False)
+    return directory
+
+
+def all_batches(datamodule):
+    return list(datamodule.train_dataloader())
+
+
+def test_batches_are_images_in_range_with_captions_and_records(shard_dir):
+    batches = all_batches(ShardDataModule(str(shard_dir), batch_size=8, shuffle_buffer=16))
+    keys = [k for b in batches for k in b["key"]]
+    assert len(keys) == len(set(keys)) == 60  # one pass sees every sample once
+    for batch in batches:
+        images = batch["image"]
+        assert images.dtype == torch.float32 and images.ndim == 4 and images.shape[1] == 3
+        assert images.min() >= -1 and images.max() == 1  # white background is 1
+        assert len(batch["caption"]) == len(batch["record"]) == images.shape[0] <= 8
+        for record, caption in zip(batch["record"], batch["caption"]):
+            assert record["prompt"] == caption
+            assert (record["height"], record["width"]) == tuple(images.shape[2:])  # bucketed by size
+
+
+def test_buckets_fill_whole_batches_of_each_size(shard_dir):
+    batches = all_batches(ShardDataModule(str(shard_dir), batch_size=8, shuffle_buffer=0))
+    sizes = {tuple(b["image"].shape[2:]) for b in batches}
+    assert sizes == {(32, 32), (32, 64)}
+    partial = [b for b in batches if len(b["key"]) < 8]
+    assert len(partial) <= len(sizes)  # only the remainder of each bucket comes out short
+
+
+def test_image_pixels_match_the_render(shard_dir):
+    batch = next(iter(ShardDataModule(str(shard_dir), batch_size=4, shuffle_buffer=0).train_dataloader()))
+    record = batch["record"][0]
+    expected = np.asarray(render(record["scene"], record["width"], record["height"]), dtype=np.float32)
+    got = (batch["image"][0].permute(1, 2, 0).numpy() + 1) * 127.5
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+
+
+def test_workers_share_the_shards(shard_dir):
+    datamodule = ShardDataModule(str(shard_dir), batch_size=8, num_workers=2, shuffle_buffer=8)
+    keys = [k for b in all_batches(datamodule) for k in b["key"]]
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == 60
+
+
+def test_resampled_epochs_have_the_requested_length(shard_dir):
+    datamodule = ShardDataModule(str(shard_dir), batch_size=8, resampled=True, samples_per_epoch=100)
+    assert len(all_batches(datamodule)) == math.ceil(100 / 8)
+    with pytest.raises(ValueError, match="samples_per_epoch"):
+        ShardDataModule(str(shard_dir), resampled=True)
+
+
+def test_urls_from_directories_brace_patterns_and_lists(shard_dir):
+    names = [str(shard_dir / f"shapes-{i:06d}.tar") for i in range(3)]
+    assert expand_urls(str(shard_dir)) == names
+    assert expand_urls(str(shard_dir / "shapes-{000000..000002}.tar")) == names
+    assert expand_urls([names[0], names[2]]) == [names[0], names[2]]
+    assert expand_urls("https://example.com/s-{0..1}.tar") == ["https://example.com/s-0.tar", "https://example.com/s-1.tar"]
+    with pytest.raises(FileNotFoundError):
+        expand_urls(str(shard_dir / "missing-{0..1}.tar"))
+
+
+def test_img2dataset_layout_with_jpg_and_image_size(tmp_path):
+    rng = np.random.default_rng(0)
+    samples = {}
+    for i, (w, h) in enumerate([(80, 60), (60, 90), (64, 64)]):
+        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        meta = {"url": f"https://example.com/{i}.jpg", "caption": f"photo {i}", "width": w, "height": h}
+        samples[f"{i:09d}"] = {"jpg": encode(image, "JPEG"), "txt": f"photo {i}".encode(), "json": json.dumps(meta).encode()}
+    shard = write_tar(tmp_path / "00000.tar", samples)
+    (batch,) = all_batches(ShardDataModule(str(shard), batch_size=4, image_size=32, shuffle_buffer=0))
+    assert batch["image"].shape == (3, 3, 32, 32)
+    assert batch["caption"] == ["photo 0", "photo 1", "photo 2"]
+    assert batch["record"][1]["url"] == "https://example.com/1.jpg"
+
+
+def test_codes_without_decoding_images(tmp_path):
+    samples = {}
+    for i in range(6):
+        codes = io.BytesIO()
+        np.save(codes, np.full((4, 4), i, dtype=np.int16))
+        members = {"png": b"not an image: never decoded", "txt": f"caption {i}".encode()}
+        if i != 5:  # the last sample was never tokenized
+            members["codes.npy"] = codes.getvalue()
+        samples[f"{i:09d}"] = members
+    shard = write_tar(tmp_path / "codes.tar", samples)
+    datamodule = ShardDataModule(str(shard), batch_size=8, shuffle_buffer=0, load_images=False, load_codes=True)
+    (batch,) = all_batches(datamodule)
+    assert "image" not in batch
+    assert batch["codes"].dtype == torch.long and batch["codes"].shape == (5, 4, 4)
+    assert batch["codes"][:, 0, 0].tolist() == [0, 1, 2, 3, 4]
+    assert datamodule.skipped == 1
+
+
+def test_corrupt_members_and_shards_are_skipped_counted_and_logged(tmp_path, shard_dir, caplog):
+    good = (shard_dir / "shapes-000000.tar").read_bytes()
+    with tarfile.open(shard_dir / "shapes-000000.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        cut = tar.getmembers()[30].offset_data + 50  # inside the data of sample 10's png
+    samples = {}
+    for name, data in members.items():
+        key, ext = name.split(".", 1)
+        samples.setdefault(key, {})[ext] = data
+    keys = sorted(samples)
+    samples[keys[0]]["png"] = b"\x89PNG garbage"  # undecodable image
+    samples[keys[1]]["png"] = samples[keys[1]]["png"][:40]  # truncated image
+    del samples[keys[2]]["png"]  # no image at all
+    write_tar(tmp_path / "a.tar", samples)
+    (tmp_path / "b.tar").write_bytes(good[:cut])  # shard cut off inside a member
+    (tmp_path / "c.tar").write_bytes(b"this is no tar file" * 100)
+
+    datamodule = ShardDataModule(str(tmp_path), batch_size=64, shuffle_buffer=0)
+    with caplog.at_level(logging.WARNING, logger="mars_data.webdata"):
+        batches = all_batches(datamodule)
+    read = sum(len(b["key"]) for b in batches)
+    assert read == 17 + 10  # a.tar's good samples and the 10 whole ones of b.tar before the cut
+    # three broken samples, and at least one failed read per broken shard (webdataset reports a
+    # member cut short and then the stream after it)
+    assert datamodule.skipped >= 3 + 2
+    assert "skipped" in caplog.text and f"{datamodule.skipped} skipped so far" in caplog.text
+
+
+def test_shapes_datamodule_generates_once_and_trains(tmp_path):
+    kwargs = dict(num_train_samples=40, num_val_samples=16, size=32, samples_per_shard=20, processes=1, batch_size=8)
+    datamodule = ShapesDataModule(str(tmp_path / "shapes"), **kwargs)
+    datamodule.prepare_data()
+    train_dir = datamodule.split_dir("train")
+    manifest = json.loads((train_dir / "manifest.json").read_text())
+    assert manifest["num_samples"] == 40 and len(manifest["shards"]) == 2
+    stamp = [p.stat().st_mtime_ns for p in sorted(train_dir.glob("*.tar"))]
+    again = ShapesDataModule(str(tmp_path / "shapes"), **kwargs)
+    again.prepare_data()  # present: not written again
+    assert [p.stat().st_mtime_ns for p in sorted(train_dir.glob("*.tar"))] == stamp
+    assert ShapesDataModule(str(tmp_path / "shapes"), **{**kwargs, "seed": 1}).split_dir("train") != train_dir
+
+    class Probe(L.LightningModule):
+        """The smallest model that consumes the batches: checks them and fits a constant."""
+
+        def __init__(self):
+            super().__init__()
+            self.mean = torch.nn.Parameter(torch.zeros(3))
+
+        def training_step(self, batch, _):
+            assert batch["image"].shape[1:] == (3, 32, 32)
+            return (batch["image"].mean((0, 2, 3)) - self.mean).pow(2).sum()
+
+        def validation_step(self, batch, _):
+            self.log("val_seen", float(len(batch["caption"])), reduce_fx="sum")
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(Probe(), datamodule=ShapesDataModule(str(tmp_path / "shapes"), **kwargs))
+    assert trainer.global_step == 2 * 5 and trainer.callback_metrics["val_seen"] == 16
