@@ -76,6 +76,7 @@ def test_regions_are_four_connected_and_follow_bends():
 def test_missing_image_is_wrong_on_every_count(prompts):
     summary = summarize([score_image(None, r) for r in prompts])
     assert all(summary["all"][metric] == 0.0 for metric in METRICS)
+    assert summary["all"]["missing"] == summary["all"]["count"] == len(prompts)
 
 
 def test_an_extra_object_fails_binding():
@@ -163,6 +164,6 @@ def test_summary_per_language():
         {"lang": "zh", "num_objects": 2, "binding": False, "spatial": False, "color": False, "shape": True},
     ]
     summary = summarize(results)
-    assert summary["en"] == {"single_binding": 1.0, "pair_binding": 1.0, "spatial": 0.0, "color": 1.0, "shape": 0.5, "count": 2}
+    assert summary["en"] == {"single_binding": 1.0, "pair_binding": 1.0, "spatial": 0.0, "color": 1.0, "shape": 0.5, "count": 2, "missing": 0}
     assert summary["zh"]["single_binding"] is None and summary["zh"]["pair_binding"] == 0.0
     assert summary["all"]["pair_binding"] == 0.5 and summary["all"]["count"] == 3

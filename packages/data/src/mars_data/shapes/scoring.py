@@ -149,7 +149,7 @@ def score_image(image: Image.Image | np.ndarray | None, record: dict) -> dict:
     """Score one image against its scene record; ``image=None`` (missing) is wrong on all counts.
 
     Returns ``{"lang", "num_objects", "binding", "spatial" (None for one object), "color",
-    "shape", "found"}``.
+    "shape", "missing", "found"}``.
     """
     lang, scene = requested_scene(record)
     wanted = scene["objects"]
@@ -175,6 +175,7 @@ def score_image(image: Image.Image | np.ndarray | None, record: dict) -> dict:
         "spatial": spatial,
         "color": bool(found) and kinds(found, "color") == kinds(wanted, "color"),
         "shape": bool(found) and kinds(found, "shape") == kinds(wanted, "shape"),
+        "missing": image is None,
         "found": found,
     }
 
@@ -185,8 +186,8 @@ def _mean(flags: list[bool]) -> float | None:
 
 def summarize(results: list[dict]) -> dict:
     """Accuracies per language: ``{"en": {...}, "zh": {...}, "all": {...}}``, each with
-    single_binding, pair_binding, spatial, color, shape (None where no prompt applies) and the
-    number of prompts scored (``count``)."""
+    single_binding, pair_binding, spatial, color, shape (None where no prompt applies), the
+    number of prompts scored (``count``) and of images missing among them (``missing``)."""
     summary = {}
     for group in ("en", "zh", "all"):
         rows = [r for r in results if group == "all" or r["lang"] == group]
@@ -199,5 +200,6 @@ def summarize(results: list[dict]) -> dict:
             "color": _mean([r["color"] for r in rows]),
             "shape": _mean([r["shape"] for r in rows]),
             "count": len(rows),
+            "missing": sum(bool(r.get("missing")) for r in rows),
         }
     return summary
