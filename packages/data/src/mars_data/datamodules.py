@@ -31,8 +31,8 @@ class ShardDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes; shards are split between them.
         shuffle_buffer: samples held for shuffling the training stream (0: no shuffling).
         resampled: draw training shards at random with replacement, forever; needs
-            ``samples_per_epoch``. Use it with several processes or workers, so every one of
-            them gets data however few shards there are.
+            ``samples_per_epoch``. Use it for multi-process training: every rank then runs
+            the same number of batches (and gets data however few shards there are).
         samples_per_epoch: length of a training epoch (over all processes); None: one pass.
         load_images: decode images into ``batch["image"]``; off for code-only training, where
             image bytes are then never decoded.
