@@ -12,19 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from apps.evaluate import evaluate
 from mars_data.shapes import render, write_prompts, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_evaluate():
-    """apps/evaluate.py's evaluate() (apps/ is a directory of entry points, not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("evaluate_app", ROOT / "apps" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.evaluate
 
 
 @pytest.fixture
@@ -44,7 +35,7 @@ def generated(tmp_path):
 def test_evaluate_scores_rows_in_order_and_writes_next_to_images(make_cfg, generated):
     prompts_file, images, prompts = generated
     cfg = make_cfg(["task=shapes", f"prompts={prompts_file}", f"images={images}"], config_name="evaluate")
-    summary = load_evaluate()(cfg)
+    summary = evaluate(cfg)
     # rows cycle (1 obj, en), (2 obj, en), (1 obj, zh), (2 obj, zh): row 3 (2 obj, zh) is
     # missing, row 6 (1 obj, zh) is blank
     assert summary["en"]["single_binding"] == summary["en"]["pair_binding"] == summary["en"]["spatial"] == 1.0
@@ -61,11 +52,11 @@ def test_evaluate_scores_rows_in_order_and_writes_next_to_images(make_cfg, gener
 def test_evaluate_writes_to_out_and_refuses_unknown_tasks(make_cfg, generated, tmp_path):
     prompts_file, images, _ = generated
     cfg = make_cfg([f"prompts={prompts_file}", f"images={images}", f"out={tmp_path / 'scores'}"], config_name="evaluate")
-    load_evaluate()(cfg)
+    evaluate(cfg)
     assert (tmp_path / "scores" / "eval_summary.json").exists() and not (images / "eval_summary.json").exists()
     cfg = make_cfg(["task=coco", f"prompts={prompts_file}", f"images={images}"], config_name="evaluate")
     with pytest.raises(ValueError, match="unknown evaluation task"):
-        load_evaluate()(cfg)
+        evaluate(cfg)
 
 
 def test_evaluate_command_line(generated, tmp_path):
