@@ -279,6 +279,11 @@ class VectorQuantizer(nn.Module):
         d = flat.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * flat @ e.t()
         return d.argmin(dim=1)
 
+    def codes(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, D, h, w) latents -> (B, h, w) indices of their nearest codes."""
+        b, _, h, w = z.shape
+        return self.nearest(self._prepare(z)).reshape(b, h, w)
+
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, h, w) code indices -> (B, D, h, w) code vectors."""
         return self.codebook()[codes].permute(0, 3, 1, 2).contiguous()
@@ -336,6 +341,14 @@ class VQGAN(nn.Module):
     def decode_latent(self, z_q: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z_q))
 
+    def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> codes (B, H/f, W/f)."""
+        return self.quantize.codes(self.encode_latent(x))
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (B, h, w) -> images (B, 3, h*f, w*f), not clamped."""
+        return self.decode_latent(self.quantize.lookup(codes))
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         z = self.encode_latent(x)
         z_q, codes, codebook_loss, commitment_loss = self.quantize(z)
@@ -351,8 +364,7 @@ class VQGAN(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def codebook_perplexity(codes: torch.Tensor, size: int) -> float:
-    """exp(entropy) of the code histogram: the effective number of codes in use."""
-    p = torch.bincount(codes.flatten(), minlength=size).float()
-    p = p / p.sum()
+def codebook_perplexity(counts: torch.Tensor) -> float:
+    """exp(entropy) of a code histogram (counts per code): the effective number of codes in use."""
+    p = counts.float() / counts.sum()
     return math.exp(-(p[p > 0] * p[p > 0].log()).sum().item())

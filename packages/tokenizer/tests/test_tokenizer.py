@@ -1,0 +1,128 @@
+"""VQTokenizer: shapes, round trips, errors, save/load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mars_tokenizer import VQGAN, VQGANConfig, VQTokenizer
+
+
+def build_tiny_tokenizer(**overrides) -> VQTokenizer:
+    torch.manual_seed(0)
+    return VQTokenizer(VQGANConfig.from_preset("tiny", **overrides)).eval()
+
+
+def images(b: int = 2, h: int = 16, w: int = 16) -> torch.Tensor:
+    return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+
+@pytest.mark.parametrize("name, factor, size", [("tiny", 4, 32), ("shapes", 16, 8192 // 16), ("paper", 16, 8192)])
+def test_presets_downsample_and_codebook(name, factor, size):
+    config = VQGANConfig.from_preset(name)
+    assert config.downsample == factor
+    assert config.codebook_size == size
+
+
+def test_unknown_preset_and_bad_groups_are_rejected():
+    with pytest.raises(ValueError, match="unknown preset"):
+        VQGANConfig.from_preset("huge")
+    with pytest.raises(ValueError, match="norm_groups"):
+        VQGANConfig.from_preset("tiny", norm_groups=3)
+
+
+@pytest.mark.parametrize("h, w", [(16, 16), (8, 24), (32, 12)])
+def test_encode_decode_shapes_for_any_multiple_of_the_factor(h, w):
+    tokenizer = build_tiny_tokenizer()
+    codes = tokenizer.encode(images(3, h, w))
+    assert codes.dtype == torch.long and codes.shape == (3, h // 4, w // 4)
+    assert tokenizer.code_shape(h, w) == (h // 4, w // 4)
+    assert 0 <= codes.min() and codes.max() < tokenizer.codebook_size
+    decoded = tokenizer.decode(codes)
+    assert decoded.shape == (3, 3, h, w) and decoded.dtype == torch.float32
+    assert decoded.min() >= -1 and decoded.max() <= 1
+
+
+def test_decode_then_encode_is_a_fixed_point_of_codes():
+    """Codes of a decoded image decode to the same image: decode is deterministic per code."""
+    tokenizer = build_tiny_tokenizer()
+    codes = torch.randint(0, tokenizer.codebook_size, (2, 4, 4))
+    assert torch.equal(tokenizer.decode(codes), tokenizer.decode(codes.clone().to(torch.int16)))
+    # a one-code change only changes the pixels near it (receptive field of the decoder)
+    changed = codes.clone()
+    changed[0, 0, 0] = (codes[0, 0, 0] + 1) % tokenizer.codebook_size
+    diff = (tokenizer.decode(changed) - tokenizer.decode(codes)).abs().amax(dim=1)
+    assert diff[1].max() == 0 and diff[0].max() > 0
+
+
+def test_encode_matches_the_training_forward():
+    tokenizer = build_tiny_tokenizer()
+    x = images()
+    out = tokenizer.vqgan(x)
+    assert torch.equal(tokenizer.encode(x), out["codes"])
+    torch.testing.assert_close(tokenizer.decode(out["codes"]), out["reconstruction"].clamp(-1, 1))
+
+
+def test_wrong_inputs_give_clear_errors():
+    tokenizer = build_tiny_tokenizer()
+    with pytest.raises(ValueError, match="multiple of the tokenizer's downsampling factor 4"):
+        tokenizer.encode(images(1, 18, 16))
+    with pytest.raises(TypeError, match="float tensor"):
+        tokenizer.encode((images() * 127).to(torch.uint8))
+    with pytest.raises(TypeError, match="float tensor"):
+        tokenizer.encode(images().numpy())
+    with pytest.raises(ValueError, match=r"shape \(B, 3, H, W\)"):
+        tokenizer.encode(images()[0])
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        tokenizer.encode((images() + 1) * 127.5)
+    with pytest.raises(TypeError, match="integer tensor"):
+        tokenizer.decode(torch.zeros(1, 4, 4))
+    with pytest.raises(ValueError, match=r"shape \(B, h, w\)"):
+        tokenizer.decode(torch.zeros(4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[0, 32\)"):
+        tokenizer.decode(torch.full((1, 4, 4), 32))
+
+
+def test_save_and_load_round_trip(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "tok")
+    assert json.loads((tmp_path / "tok" / "config.json").read_text())["config"]["codebook_size"] == 32
+    loaded = VQTokenizer.from_pretrained(tmp_path / "tok")
+    assert loaded.config == tokenizer.config
+    x = images()
+    codes = tokenizer.encode(x)
+    assert torch.equal(loaded.encode(x), codes)
+    assert torch.equal(loaded.decode(codes), tokenizer.decode(codes))
+
+
+def test_loading_missing_or_foreign_files_fails_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        VQTokenizer.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        VQTokenizer.from_pretrained(tmp_path / "half")
+    build_tiny_tokenizer().save_pretrained(tmp_path / "other")
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ValueError, match="not a mars-vqgan config"):
+        VQTokenizer.from_pretrained(tmp_path / "other")
+
+
+def test_dead_codes_are_restarted_onto_encoder_outputs():
+    model = VQGAN(VQGANConfig.from_preset("tiny"))
+    quantize = model.quantize
+    quantize.usage[:] = 5.0
+    quantize.usage[[3, 7]] = 0.0
+    before = quantize.embedding.weight.detach().clone()
+    latent = model.encode_latent(images())
+    assert quantize.restart_dead_codes(latent, threshold=1.0) == 2
+    after = quantize.embedding.weight.detach()
+    assert torch.equal(after[[0, 1, 2]], before[[0, 1, 2]])
+    assert not torch.equal(after[3], before[3]) and not torch.equal(after[7], before[7])
+    # restarted codes sit on (normalised) encoder outputs: they are now picked by some latents' neighbourhoods
+    flat = torch.nn.functional.normalize(latent.permute(0, 2, 3, 1).reshape(-1, 4), dim=-1)
+    cos = flat @ torch.nn.functional.normalize(after[[3, 7]], dim=-1).t()
+    assert cos.max(dim=0).values.min() > 0.99
+    assert quantize.restart_dead_codes(latent, threshold=1.0) == 0
