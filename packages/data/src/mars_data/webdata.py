@@ -64,6 +64,11 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
     return urls
 
 
+def is_not_an_image(name: str) -> bool:
+    """Member filter for code-only reading: image members are not even read from the tar."""
+    return name.rsplit(".", 1)[-1].lower() not in IMAGE_KEYS
+
+
 class SkipCounter:
     """Counts and logs skipped data; the count is shared by the DataLoader worker processes."""
 
@@ -203,7 +208,8 @@ def shard_pipeline(
         stages += [wds.split_by_node, wds.split_by_worker]
         if shuffle_buffer > 0:
             stages.append(wds.shuffle(len(urls), initial=len(urls)))
-    stages.append(wds.tarfile_to_samples(handler=skips.handler))
+    select_files = None if load_images else is_not_an_image
+    stages.append(wds.tarfile_to_samples(handler=skips.handler, select_files=select_files))
     if shuffle_buffer > 0:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100)))
     stages += [SampleDecoder(skips, load_images, load_codes, image_size), BucketBatcher(batch_size)]

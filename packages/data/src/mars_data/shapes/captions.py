@@ -64,8 +64,9 @@ def write_caption(scene: dict, lang: str, rng: random.Random, form: str | None =
         raise ValueError(f"form {form!r} does not fit a {len(objects)}-object {lang} scene; use one of {choices}")
     phrases = [_object_phrase(obj, lang, rng) for obj in objects]
     relation = scene.get("relation")
-    words = {"en": relation, "zh": RELATIONS_ZH.get(relation)}[lang] if relation else None
-    return FORMS[lang][form].format(A=phrases[0], B=phrases[-1], R=words)
+    if relation and lang == "zh":
+        relation = RELATIONS_ZH[relation]
+    return FORMS[lang][form].format(A=phrases[0], B=phrases[-1], R=relation)
 
 
 # ---------------------------------------------------------------------------------- parsing
