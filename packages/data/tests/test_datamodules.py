@@ -99,6 +99,12 @@ def test_urls_from_directories_brace_patterns_and_lists(shard_dir):
         expand_urls(str(shard_dir / "missing-{0..1}.tar"))
 
 
+def test_shards_stream_from_urls(shard_dir):
+    """Anything webdataset opens is a shard: here a pipe, as for https:// (curl) or s3 shards."""
+    datamodule = ShardDataModule(f"pipe:cat {shard_dir}/shapes-{{000000..000002}}.tar", batch_size=16)
+    assert sum(len(b["key"]) for b in all_batches(datamodule)) == 60
+
+
 def test_img2dataset_layout_with_jpg_and_image_size(tmp_path):
     rng = np.random.default_rng(0)
     samples = {}

@@ -41,7 +41,8 @@ CODES_KEY = "codes.npy"
 
 def expand_urls(spec: str | Sequence[str]) -> list[str]:
     """Shard URLs from a directory (its ``*.tar``), a brace pattern (``a-{000..009}.tar``), a
-    URL or local path, or a list of any of these. Local files must exist."""
+    local path or a URL webdataset opens (``https://``, ``pipe:``, ...), or a list of these.
+    Local paths must exist."""
     if isinstance(spec, (str, Path)):
         spec = [str(spec)]
     urls: list[str] = []
@@ -54,10 +55,8 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
             urls.extend(found)
             continue
         for url in braceexpand.braceexpand(item):
-            if urlparse(url).scheme in ("", "file") and not url.startswith("pipe:"):
-                path = url.removeprefix("file://")
-                if not Path(path).is_file():
-                    raise FileNotFoundError(f"shard {path} does not exist")
+            if not urlparse(url).scheme and not Path(url).is_file():  # a local path
+                raise FileNotFoundError(f"shard {url} does not exist")
             urls.append(url)
     if not urls:
         raise ValueError(f"no shards in {spec!r}")
