@@ -2,12 +2,13 @@
 
 See the package README. Public API:
 - ``SemVIEForCausalLM`` (``from_llm``, ``from_pretrained``, ``save_pretrained``, ``generate``)
+- ``load_llm``: a Hugging Face causal LM from a directory or a config
 - ``MultimodalVocab`` and ``SPECIAL_TOKENS``: the id layout of the multimodal vocabulary
 """
 
 from importlib.metadata import version as _version
 
-from mars_semvie.model import KVCache, SemVIEConfig, SemVIEForCausalLM, SemVIEOutput, sample_next
+from mars_semvie.model import KVCache, SemVIEConfig, SemVIEForCausalLM, SemVIEOutput, load_llm, sample_next
 from mars_semvie.vocab import SPECIAL_TOKENS, MultimodalVocab
 
 __version__ = _version("mars-semvie")
@@ -19,5 +20,6 @@ __all__ = [
     "SemVIEConfig",
     "SemVIEForCausalLM",
     "SemVIEOutput",
+    "load_llm",
     "sample_next",
 ]

@@ -214,6 +214,30 @@ class SemVIEForCausalLM(nn.Module):
         config = SemVIEConfig(llm.config.vocab_size, num_visual_codes, visual_expert, routing)
         return cls(llm, config)
 
+    def parameter_groups(self) -> dict[str, tuple[int, int]]:
+        """Parameters per part of the model: {part: (count, trainable count)}; tied weights once."""
+        parts = [  # (part, test on the parameter name), first match wins
+            ("layer norms (shared)", lambda n: "norm" in n),
+            ("text embeddings", lambda n: n.startswith("llm.model.embed_tokens")),
+            ("text attention Q/K/V", lambda n: n.startswith("llm.") and any(p in n for p in ("q_proj", "k_proj", "v_proj"))),
+            ("text attention output", lambda n: n.startswith("llm.") and "o_proj" in n),
+            ("text FFN", lambda n: n.startswith("llm.") and ".mlp." in n),
+            ("text head", lambda n: n.startswith("llm.lm_head")),
+            ("visual embeddings", lambda n: n.startswith("visual_embed")),
+            ("visual attention Q/K/V", lambda n: n.startswith("experts.") and any(p in n for p in ("q_proj", "k_proj", "v_proj"))),
+            ("visual attention output", lambda n: n.startswith("experts.") and "o_proj" in n),
+            ("visual FFN", lambda n: n.startswith("experts.") and ".mlp." in n),
+            ("vision head", lambda n: n.startswith("vision_head")),
+        ]
+        groups = {name: [0, 0] for name, _ in parts}
+        for n, p in self.named_parameters():
+            name = next((name for name, test in parts if test(n)), None)
+            if name is None:
+                raise RuntimeError(f"parameter {n} belongs to no part")
+            groups[name][0] += p.numel()
+            groups[name][1] += p.numel() if p.requires_grad else 0
+        return {name: (total, trainable) for name, (total, trainable) in groups.items() if total}
+
     def gradient_checkpointing_enable(self, enable: bool = True) -> None:
         """Recompute each layer's activations in the backward pass (training only)."""
         self.gradient_checkpointing = enable
@@ -384,21 +408,31 @@ class SemVIEForCausalLM(nn.Module):
         cls, path: str | Path, llm_path: str | None = None, dtype: torch.dtype | None = None
     ) -> SemVIEForCausalLM:
         """Load a ``save_pretrained`` directory; ``llm_path`` overrides where the LLM is read from."""
-        from transformers import AutoModelForCausalLM
-
         path = Path(path)
         meta = json.loads((path / CONFIG_NAME).read_text())
         stored_llm_path = meta.pop("llm_path")
         llm_dir = Path(llm_path or stored_llm_path)
         if not llm_dir.is_absolute() and not llm_path:
             llm_dir = path / llm_dir
-        llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype)
+        llm = load_llm(llm_dir, dtype=dtype)
         model = cls(llm, SemVIEConfig(**meta))
         missing, unexpected = model.load_state_dict(load_file(path / WEIGHTS_NAME), strict=False)
         missing = [k for k in missing if not k.startswith("llm.")]
         if missing or unexpected:
             raise RuntimeError(f"{path / WEIGHTS_NAME}: missing {missing}, unexpected {unexpected}")
         return model
+
+
+def load_llm(path: str | Path | None = None, config=None, dtype: torch.dtype | None = None) -> nn.Module:
+    """A Hugging Face causal LM from a checkpoint directory, or randomly initialised from a config
+    (under ``torch.device("meta")`` that allocates nothing: apps/inspect_model.py)."""
+    from transformers import AutoModelForCausalLM
+
+    if (path is None) == (config is None):
+        raise ValueError("load_llm needs exactly one of path and config")
+    if path is not None:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def sample_next(
