@@ -12,6 +12,11 @@ Targets: masked / routed >= 1.6 and routed / plain <= 1.2. Variants run interlea
 by round, and each figure is the median over rounds, so load from other jobs on a shared
 machine hits them alike; forward passes without gradients, then training steps (forward +
 backward; SemVIE with its frozen text expert, the plain model fully trainable).
+
+One torch thread by default: on a machine whose cores other jobs also use, a parallel
+elementwise op waits for a descheduled worker thread (measured: a 0.8 MB add took 14 ms with
+2 threads at load 6, 0.15 ms with 1), which times the machine's load, not the model;
+``--threads 2`` on a quiet machine.
 """
 
 from __future__ import annotations
@@ -46,7 +51,9 @@ def main() -> None:
     parser.add_argument("--image", type=int, default=256, help="image codes (16x16)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--train-rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (see the docstring)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     config = Qwen2Config(
