@@ -28,13 +28,14 @@ TINY = [
     "data.size=32",
     "data.batch_size=8",
     "data.processes=1",
-    "model.vqgan.ch_mult=[1,2,2]",
+    "model.vqgan.patch_size=2",
+    "model.vqgan.ch=8",
+    "model.vqgan.ch_mult=[1,2]",
+    "model.vqgan.norm_groups=4",
     "model.vqgan.z_channels=8",
-    "model.vqgan.codebook_size=32",
     "model.disc_weight=0.5",
     "model.disc_start=1",
     "model.disc_ndf=8",
-    "model.restart_every=2",
     "trainer.max_steps=3",
     "trainer.val_check_interval=3",
     "logger=csv",
@@ -49,14 +50,15 @@ def test_shapes_tokenizer_experiment_fits_and_leaves_a_tokenizer(make_cfg, tmp_p
     for key in ("train/l1", "train/d_loss", "train/codebook_live", "val/l1", "val/codebook_usage"):
         assert key in metrics, key
     tokenizer = VQTokenizer.from_pretrained(tmp_path / "run" / "tokenizer")
-    assert tokenizer.config.downsample == 4
+    assert tokenizer.config.downsample == 4 and tokenizer.config.quantizer == "fsq"
     assert tokenizer.encode(torch.zeros(1, 3, 32, 64)).shape == (1, 8, 16)
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_paper_model_config_composes_to_the_paper_preset(make_cfg):
-    cfg = make_cfg(["experiment=shapes_tokenizer", "model=vqgan_paper"])
-    assert instantiate(cfg.model.vqgan) == VQGANConfig.from_preset("paper")
+@pytest.mark.parametrize("model, preset", [("vqgan_shapes", "shapes"), ("vqgan_paper", "paper")])
+def test_model_configs_are_the_presets(make_cfg, model, preset):
+    cfg = make_cfg(["experiment=shapes_tokenizer", f"model={model}"])
+    assert instantiate(cfg.model.vqgan) == VQGANConfig.from_preset(preset)
 
 
 def test_tokenize_shards_adds_the_codes_of_every_image(make_cfg, tmp_path):

@@ -45,6 +45,23 @@ def test_encode_decode_shapes_for_any_multiple_of_the_factor(h, w):
     assert decoded.min() >= -1 and decoded.max() <= 1
 
 
+def test_patches_fold_into_channels_and_multiply_the_factor():
+    tokenizer = build_tiny_tokenizer(patch_size=2)
+    assert tokenizer.downsample == 8
+    codes = tokenizer.encode(images(2, 16, 40))
+    assert codes.shape == (2, 2, 5)
+    assert tokenizer.decode(codes).shape == (2, 3, 16, 40)
+    with pytest.raises(ValueError, match="factor 8"):
+        tokenizer.encode(images(1, 12, 16))
+
+
+def test_decoder_norm_can_be_left_out():
+    vqgan = build_tiny_tokenizer(decoder_norm=False).vqgan
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in vqgan.decoder.modules())
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in vqgan.encoder.modules())
+    assert vqgan(images())["reconstruction"].shape == (2, 3, 16, 16)
+
+
 def test_decode_then_encode_is_a_fixed_point_of_codes():
     """Codes of a decoded image decode to the same image: decode is deterministic per code."""
     tokenizer = build_tiny_tokenizer()
@@ -57,8 +74,12 @@ def test_decode_then_encode_is_a_fixed_point_of_codes():
     assert diff[1].max() == 0 and diff[0].max() > 0
 
 
-def test_encode_matches_the_training_forward():
-    tokenizer = build_tiny_tokenizer()
+FSQ = dict(quantizer="fsq", fsq_levels=(4, 4, 2), codebook_size=32, codebook_dim=3)
+
+
+@pytest.mark.parametrize("quantizer", [{}, FSQ], ids=["vq", "fsq"])
+def test_encode_matches_the_training_forward(quantizer):
+    tokenizer = build_tiny_tokenizer(**quantizer)
     x = images()
     out = tokenizer.vqgan(x)
     assert torch.equal(tokenizer.encode(x), out["codes"])
@@ -108,6 +129,16 @@ def test_loading_missing_or_foreign_files_fails_clearly(tmp_path):
     (tmp_path / "other" / "config.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ValueError, match="not a mars-vqgan config"):
         VQTokenizer.from_pretrained(tmp_path / "other")
+
+
+def test_fsq_codes_cover_the_implicit_codebook_and_round_trip():
+    quantize = build_tiny_tokenizer(**FSQ).vqgan.quantize
+    codes = torch.arange(32).reshape(1, 4, 8)
+    vectors = quantize.lookup(codes)
+    assert vectors.shape == (1, 3, 4, 8) and vectors.min() == -1 and vectors.max() == 1
+    assert torch.equal(quantize.codes(torch.atanh(vectors.clamp(-0.999, 0.999))), codes)
+    with pytest.raises(ValueError, match="fsq_levels"):
+        VQGANConfig.from_preset("tiny", quantizer="fsq", fsq_levels=(4, 4))
 
 
 def test_dead_codes_are_restarted_onto_encoder_outputs():

@@ -12,9 +12,9 @@ Design choices
   codebook and commitment losses, and from ``disc_start`` on a hinge PatchGAN loss weighted by
   ``disc_weight`` times taming's adaptive weight (ratio of the reconstruction and GAN gradient
   norms at the decoder's last layer). ``disc_weight=0`` builds no discriminator.
-- **Dead codes.** Every ``restart_every`` steps, codes whose running usage fell below
-  ``dead_code_threshold`` are moved onto random encoder outputs of the batch (rank 0 decides,
-  the new codebook is broadcast). ``train/codebook_live`` is the share of live codes,
+- **Dead codes.** With a learned codebook, every ``restart_every`` steps codes whose running
+  usage fell below ``dead_code_threshold`` are moved onto random encoder outputs of the batch
+  (rank 0 decides, the new codebook is broadcast); FSQ's implicit codebook needs none. ``train/codebook_live`` is the share of live codes,
   ``val/codebook_usage`` the share of codes used over the validation set.
 - **The product is the tokenizer.** At the end of training the ``VQTokenizer`` is written with
   ``save_pretrained`` to ``save_dir`` (the app sets ``<run dir>/tokenizer``); later stages load
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from mars_tokenizer.losses import LPIPS, PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from mars_tokenizer.tokenizer import VQTokenizer
-from mars_tokenizer.vqgan import VQGANConfig, codebook_perplexity
+from mars_tokenizer.vqgan import VectorQuantizer, VQGANConfig, codebook_perplexity
 
 
 class VQGANModule(L.LightningModule):
@@ -121,7 +121,8 @@ class VQGANModule(L.LightningModule):
                     torch.nn.utils.clip_grad_norm_(module.parameters(), hp.grad_clip)
         optimizer.step()
 
-        if hp.restart_every and (self.global_step + 1) % hp.restart_every == 0:
+        restarts = hp.restart_every and isinstance(self.vqgan.quantize, VectorQuantizer)
+        if restarts and (self.global_step + 1) % hp.restart_every == 0:
             logs["restarted_codes"] = torch.tensor(float(self.restart_dead_codes(out["latent"].detach())))
         quantize = self.vqgan.quantize
         logs.update(

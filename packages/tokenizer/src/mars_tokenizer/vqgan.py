@@ -10,19 +10,28 @@ Design choices
   Two departures, both off for imported checkpoints: the GroupNorm group count is a setting
   (taming fixes 32, too many for small channel counts) and attention uses
   ``scaled_dot_product_attention`` (same maths).
-- **Downsampling factor = 2 ** (len(ch_mult) - 1).** The networks are fully convolutional (plus
-  attention over positions), so any height and width that are multiples of that factor work:
-  a 256x384 image gives 16x24 codes at factor 16.
-- **l2-normalised low-dimensional codes against dead codes** (``l2_normalize=True``, small
-  ``codebook_dim``; Yu et al., ViT-VQGAN; LlamaGen): the encoder output is projected to a few
-  dimensions and both it and the codebook are normalised, so nearest-neighbour search is a
-  cosine match on the sphere where codes stay close to the encoder outputs. Together with
-  GroupNorm in the encoder (without it the codebook collapsed to 1-10 codes on the shapes world)
-  and restarts of codes that stay unused (``VectorQuantizer.restart_dead_codes``, driven by the
-  training module), the codebook stays in use. We keep a learned codebook rather than FSQ so
-  that codebook/commitment losses and taming checkpoints share one quantizer.
-- **Straight-through estimator** for the quantizer, with the codebook loss
-  ||sg[z] - e||^2 and the commitment loss beta * ||z - sg[e]||^2 returned separately.
+- **Downsampling factor = patch_size * 2 ** (len(ch_mult) - 1).** ``patch_size`` > 1 folds
+  p x p pixel patches into channels before the encoder and unfolds them after the decoder
+  (pixel_unshuffle / pixel_shuffle): the networks then run at 1/p of the resolution, with many
+  channels where a CPU computes efficiently, and still place every output pixel sharply. The
+  networks are fully convolutional (plus attention over positions), so any height and width
+  that are multiples of the factor work: a 256x384 image gives 16x24 codes at factor 16.
+- **Two quantizers.** ``vq``: a learned codebook with nearest-neighbour search, taming's
+  quantizer (``l2_normalize=False``) or, for training from scratch, l2-normalised
+  low-dimensional codes (``l2_normalize=True``, small ``codebook_dim``; ViT-VQGAN, LlamaGen),
+  a cosine match on a small sphere where codes stay near the encoder outputs; codes that stay
+  unused are restarted on encoder outputs (``VectorQuantizer.restart_dead_codes``, driven by
+  the training module); straight-through gradients, codebook loss ||sg[z] - e||^2 and
+  commitment loss beta * ||z - sg[e]||^2. ``fsq``: finite scalar quantization (Mentzer et al.),
+  an implicit, fixed grid of prod(levels) codes: nothing to learn, so no code can die and there
+  is no codebook or commitment loss.
+- **The shapes and paper presets use the l2-normalised learned codebook with restarts.** On
+  the shapes world both kinds collapse early in training (within 25 steps at lr 2e-3: FSQ to a
+  single code, the learned codebook to 2 of 512); a restart brings the learned codebook back
+  to hundreds of live codes at once, while FSQ stayed on one code for the 200 steps we
+  watched (nothing restarts an implicit codebook).
+  Restarts also keep the codebook / commitment losses meaningful, and taming checkpoints
+  import as plain ``vq``. FSQ stays available (``quantizer="fsq"``).
 """
 
 from __future__ import annotations
@@ -43,6 +52,9 @@ class VQGANConfig:
     # any height/width that is a multiple of `downsample` can be encoded
     resolution: int = 256
     in_channels: int = 3
+    # pixels per side folded into channels before the encoder (pixel_unshuffle) and unfolded
+    # after the decoder (pixel_shuffle); taming: 1. Cheap small-image presets use 4
+    patch_size: int = 1
     # base channel count and its multiplier per resolution level; len(ch_mult) - 1 halvings
     ch: int = 128
     ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
@@ -56,16 +68,34 @@ class VQGANConfig:
     # number of codes and their dimension (quant_conv projects z_channels -> codebook_dim)
     codebook_size: int = 8192
     codebook_dim: int = 8
-    # cosine (l2-normalised) nearest-neighbour codes; False reproduces taming's plain VQ
+    # "vq": learned codebook (nearest neighbour); "fsq": finite scalar quantization, an implicit
+    # codebook of prod(fsq_levels) codes in len(fsq_levels) dimensions (codebook_size and
+    # codebook_dim must match them)
+    quantizer: str = "vq"
+    fsq_levels: tuple[int, ...] = ()
+    # vq: cosine (l2-normalised) nearest-neighbour codes; False reproduces taming's plain VQ
     l2_normalize: bool = True
     # GroupNorm groups (taming: 32); must divide every channel count
     norm_groups: int = 32
+    # GroupNorm in the decoder too (taming: yes). With few channels, the decoder's last
+    # GroupNorm (no skip around it) normalises away the colour of flat regions: see above
+    decoder_norm: bool = True
     # weight of the commitment loss
     beta: float = 0.25
 
     def __post_init__(self) -> None:
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
         self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
+        self.fsq_levels = tuple(int(n) for n in self.fsq_levels)
+        if self.quantizer not in ("vq", "fsq"):
+            raise ValueError(f"quantizer must be 'vq' or 'fsq', got {self.quantizer!r}")
+        if self.quantizer == "fsq" and (
+            self.codebook_size != math.prod(self.fsq_levels) or self.codebook_dim != len(self.fsq_levels)
+        ):
+            raise ValueError(
+                f"fsq_levels={self.fsq_levels} give {math.prod(self.fsq_levels)} codes of dimension "
+                f"{len(self.fsq_levels)}; set codebook_size and codebook_dim to match"
+            )
         for channels in {self.ch * m for m in self.ch_mult}:
             if channels % self.norm_groups:
                 raise ValueError(f"norm_groups={self.norm_groups} does not divide {channels} channels")
@@ -74,7 +104,7 @@ class VQGANConfig:
 
     @property
     def downsample(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
+        return self.patch_size * 2 ** (len(self.ch_mult) - 1)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "VQGANConfig":
@@ -89,11 +119,11 @@ class VQGANConfig:
 PRESETS: dict[str, VQGANConfig] = {
     # MARS: downsample 16 (256x256 -> 16x16 codes), 8192 codes; taming's f16 networks
     "paper": VQGANConfig(),
-    # shapes world at 64x64: downsample 16 as in the paper (4x4 = 16 codes per image, measured
-    # to reconstruct this world), 512 codes are plenty for 6 colours x 3 shapes x positions;
-    # small channel counts keep a CPU step cheap; GroupNorm(8) in every block
+    # shapes world at 64x64: downsample 16 as in the paper (4x4 = 16 codes per image), as
+    # 4x4 pixel patches folded into channels and two halvings: the network runs at 16x16 and
+    # below, where 32-128 channels are cheap on a CPU; 512 l2-normalised 8-d codes
     "shapes": VQGANConfig(
-        resolution=64, ch=16, ch_mult=(1, 2, 2, 4, 4), num_res_blocks=1, attn_resolutions=(),
+        resolution=64, patch_size=4, ch=32, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(),
         z_channels=64, codebook_size=512, codebook_dim=8, norm_groups=8,
     ),
     # unit tests: downsample 4, a few thousand parameters
@@ -104,7 +134,10 @@ PRESETS: dict[str, VQGANConfig] = {
 }
 
 
-def _norm(channels: int, groups: int) -> nn.GroupNorm:
+def _norm(channels: int, groups: int) -> nn.Module:
+    """GroupNorm, or nothing when groups == 0."""
+    if groups == 0:
+        return nn.Identity()
     return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
@@ -199,8 +232,9 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VQGANConfig):
         super().__init__()
         g = cfg.norm_groups
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
-        res, block_in, levels = cfg.resolution, cfg.ch, []
+        self.patch_size = cfg.patch_size
+        self.conv_in = nn.Conv2d(cfg.in_channels * cfg.patch_size**2, cfg.ch, 3, padding=1)
+        res, block_in, levels = cfg.resolution // cfg.patch_size, cfg.ch, []
         for i, mult in enumerate(cfg.ch_mult):
             block_out = cfg.ch * mult
             blocks, attns = [], []
@@ -218,7 +252,7 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
+        h = self.conv_in(F.pixel_unshuffle(x, self.patch_size))
         for level in self.down:
             h = level(h)
         return self.conv_out(F.silu(self.norm_out(self.mid(h))))
@@ -227,7 +261,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: VQGANConfig):
         super().__init__()
-        g = cfg.norm_groups
+        g = cfg.norm_groups if cfg.decoder_norm else 0
         block_in = cfg.ch * cfg.ch_mult[-1]
         res = cfg.resolution // cfg.downsample
         self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
@@ -245,13 +279,14 @@ class Decoder(nn.Module):
             res = res * 2 if i else res
         self.up = nn.ModuleList(levels)  # indexed by level like the encoder; run in reverse
         self.norm_out = _norm(block_in, g)
-        self.conv_out = nn.Conv2d(block_in, cfg.in_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(block_in, cfg.in_channels * cfg.patch_size**2, 3, padding=1)
+        self.patch_size = cfg.patch_size
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), self.patch_size)
 
 
 class VectorQuantizer(nn.Module):
@@ -322,6 +357,45 @@ class VectorQuantizer(nn.Module):
         return int(dead.numel())
 
 
+class FiniteScalarQuantizer(nn.Module):
+    """FSQ (Mentzer et al., 2023): each latent dimension i is squashed to [0, L_i - 1] and rounded
+    (straight-through); the code is the mixed-radix number of the digits. The codebook is
+    implicit and fixed, so no code can die and there is no codebook or commitment loss."""
+
+    def __init__(self, levels: tuple[int, ...]):
+        super().__init__()
+        self.size, self.dim = math.prod(levels), len(levels)
+        self.register_buffer("levels", torch.tensor(levels), persistent=False)
+        radix = torch.cumprod(torch.tensor((1, *levels[:-1])), 0)
+        self.register_buffer("radix", radix, persistent=False)
+        self.register_buffer("usage", torch.zeros(self.size), persistent=False)
+
+    def _digits(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, D, h, w) -> (B, h, w, D) values in [0, L - 1], rounded with a straight-through gradient."""
+        scaled = (torch.tanh(z.permute(0, 2, 3, 1)) + 1) / 2 * (self.levels - 1)
+        return scaled + (scaled.round() - scaled).detach()
+
+    def _vectors(self, digits: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, D) digits -> (B, D, h, w) code vectors in [-1, 1]."""
+        return (digits / (self.levels - 1) * 2 - 1).permute(0, 3, 1, 2).contiguous()
+
+    def codes(self, z: torch.Tensor) -> torch.Tensor:
+        return (self._digits(z).round().long() * self.radix).sum(-1)
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        digits = (codes[..., None] // self.radix) % self.levels
+        return self._vectors(digits.float())
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        digits = self._digits(z)
+        codes = (digits.detach().round().long() * self.radix).sum(-1)
+        if self.training:
+            with torch.no_grad():
+                self.usage.mul_(0.99).add_(torch.bincount(codes.flatten(), minlength=self.size).float())
+        zero = z.new_zeros(())
+        return self._vectors(digits), codes, zero, zero
+
+
 class VQGAN(nn.Module):
     """Encoder -> quant_conv -> quantizer -> post_quant_conv -> decoder (taming's VQModel)."""
 
@@ -330,7 +404,10 @@ class VQGAN(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.quant_conv = nn.Conv2d(config.z_channels, config.codebook_dim, 1)
-        self.quantize = VectorQuantizer(config.codebook_size, config.codebook_dim, config.l2_normalize, config.beta)
+        if config.quantizer == "fsq":
+            self.quantize = FiniteScalarQuantizer(config.fsq_levels)
+        else:
+            self.quantize = VectorQuantizer(config.codebook_size, config.codebook_dim, config.l2_normalize, config.beta)
         self.post_quant_conv = nn.Conv2d(config.codebook_dim, config.z_channels, 1)
         self.decoder = Decoder(config)
 
