@@ -1,0 +1,190 @@
+"""Sequence layouts of MARS: the one place that says how text and images become token ids.
+
+Training (``mars_app.t2i``) builds its sequences here and generation (``mars_app.pipeline``)
+builds its prompts here, so the two cannot drift apart.
+
+Text framing. The text LLM was pretrained on texts framed as ``<|endoftext|> text
+<|endoftext|>`` (``mars_semvie.text``); a prompt keeps exactly that framing, so the frozen
+text expert sees the same kind of input it was trained on and its hidden state at the closing
+``<|endoftext|>`` has read the whole prompt::
+
+    prompt text  = caption                          (stage I)
+                 = caption + " " + f"{W}x{H}"       (stage II: the resolution, width x height
+                                                     in pixels, e.g. "96x64", written into the
+                                                     prompt as the paper does)
+    prompt ids   = [eot] tokens(prompt text) [eot]                     encode_prompt
+    uncond ids   = [eot] tokens(f"{W}x{H}") [eot] (stage II)           unconditional_prompt
+                 = [eot] [eot]                    (stage I)
+
+The unconditional prompt (classifier-free guidance) is the prompt with no caption tokens; in
+stage II it keeps the resolution, so the conditional and unconditional rows of a guided
+batch ask for the same grid and guidance only amplifies the content. Training drops a prompt
+to it with probability ``uncond_prob`` (0.1).
+
+Layouts (``c`` = a visual code id, ``R`` = ``<image_row_end>``)::
+
+    text-to-image  [prompt ids] <image_start> c c c c (R) c c c c (R) ... <image_end>
+                   loss on the image tokens: codes, row ends and <image_end>
+    captioning     <image_start> c c c c (R) ... <image_end> [caption ids] [eot]
+                   loss on the caption tokens and the closing eot
+
+Codes are row-major. With ``row_end=True`` (stage II: several aspect ratios) every row of
+codes is followed by ``<image_row_end>``, so the sequence itself says where rows end; the
+requested resolution decides the grid (``code_grid``) and a sampler forces the row ends and
+``<image_end>`` at their places (``image_slots``) and samples only codes elsewhere. Stage I
+(one square grid) writes no row ends.
+
+Batches are LEFT-padded with ``vocab.pad`` (attention_mask 0, label -100) and position ids
+count real tokens only (``cumsum(mask) - 1``), which is what ``SemVIEForCausalLM.generate``
+does with a left-padded prompt: a sequence gets the same positions, attention and logits
+whether it is padded or not, in training and at generation. Every prompt of a left-padded
+batch ends right before the image, so the image tokens sit at the same offsets in every row.
+
+The optional task markers of the vocabulary (``task_t2i``, ``task_caption``) are not used:
+the first token already tells the tasks apart (text for text-to-image, ``<image_start>`` for
+captioning).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from mars_semvie.text import ENDOFTEXT
+from mars_semvie.vocab import MultimodalVocab
+
+IGNORE = -100  # label of a position that is not a target
+
+
+# ------------------------------------------------------------------------------------- text
+def resolution_text(width: int, height: int) -> str:
+    """How a resolution is written into a stage II prompt: width x height in pixels, "96x64"."""
+    return f"{int(width)}x{int(height)}"
+
+
+def prompt_text(caption: str, resolution: tuple[int, int] | None = None) -> str:
+    """The prompt's text: the caption, then (stage II) its resolution ``(width, height)``."""
+    parts = [caption.strip()] if caption.strip() else []
+    if resolution is not None:
+        parts.append(resolution_text(*resolution))
+    return " ".join(parts)
+
+
+def _eot(text_tokenizer) -> int:
+    eot = text_tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    if eot is None or eot == text_tokenizer.unk_token_id:
+        raise ValueError(f"the text tokenizer has no {ENDOFTEXT} token")
+    return eot
+
+
+def encode_prompt(text_tokenizer, caption: str, resolution: tuple[int, int] | None = None) -> list[int]:
+    """Text ids of a prompt: ``[eot] tokens(prompt_text(caption, resolution)) [eot]``."""
+    eot = _eot(text_tokenizer)
+    text = prompt_text(caption, resolution)
+    ids = text_tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    return [eot, *ids, eot]
+
+
+def unconditional_prompt(text_tokenizer, resolution: tuple[int, int] | None = None) -> list[int]:
+    """Text ids of the unconditional prompt: the prompt with no caption tokens."""
+    return encode_prompt(text_tokenizer, "", resolution)
+
+
+def encode_caption(text_tokenizer, caption: str) -> list[int]:
+    """Text ids of a caption as a captioning target: ``tokens(caption) [eot]``."""
+    return [*text_tokenizer(caption.strip(), add_special_tokens=False)["input_ids"], _eot(text_tokenizer)]
+
+
+# ------------------------------------------------------------------------------------ image
+def code_grid(width: int, height: int, downsample: int) -> tuple[int, int]:
+    """(rows, columns) of codes for an image of ``width`` x ``height`` pixels."""
+    if width % downsample or height % downsample:
+        raise ValueError(f"{width}x{height} is not a multiple of the tokenizer's downsampling {downsample}")
+    return height // downsample, width // downsample
+
+
+def image_ids(codes: torch.Tensor, vocab: MultimodalVocab, row_end: bool = False) -> list[int]:
+    """The image tokens after ``<image_start>``: codes (h, w) row-major (+ row ends), ``<image_end>``."""
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be a (rows, columns) grid, got shape {tuple(codes.shape)}")
+    ids = vocab.codes_to_ids(codes.long())
+    if row_end:
+        ids = torch.cat([ids, ids.new_full((ids.shape[0], 1), vocab.image_row_end)], dim=1)
+    return [*ids.flatten().tolist(), vocab.image_end]
+
+
+def image_slots(rows: int, columns: int, vocab: MultimodalVocab, row_end: bool = False) -> list[int | None]:
+    """The image tokens after ``<image_start>`` as a sampler sees them: ``None`` where a code is
+    sampled, the id of the special token where the layout fixes it (row ends, ``<image_end>``)."""
+    row = [None] * columns + ([vocab.image_row_end] if row_end else [])
+    return row * rows + [vocab.image_end]
+
+
+def codes_from_ids(ids: Sequence[int] | torch.Tensor, rows: int, columns: int, vocab: MultimodalVocab) -> torch.Tensor:
+    """The (rows, columns) code grid of generated image tokens (specials dropped)."""
+    ids = torch.as_tensor(ids)
+    codes = ids[vocab.is_code(ids)]
+    if codes.numel() != rows * columns:
+        raise ValueError(f"{codes.numel()} codes for a {rows}x{columns} grid")
+    return vocab.ids_to_codes(codes).view(rows, columns)
+
+
+# -------------------------------------------------------------------------------- sequences
+def t2i_prompt_ids(text_ids: Sequence[int], vocab: MultimodalVocab) -> list[int]:
+    """What generation feeds before sampling an image: ``[prompt ids] <image_start>``."""
+    return [*text_ids, vocab.image_start]
+
+
+def caption_prompt_ids(codes: torch.Tensor, vocab: MultimodalVocab, row_end: bool = False) -> list[int]:
+    """What captioning feeds before sampling text: ``<image_start> [image tokens] <image_end>``."""
+    return [vocab.image_start, *image_ids(codes, vocab, row_end)]
+
+
+def build_t2i(
+    text_ids: Sequence[int], codes: torch.Tensor, vocab: MultimodalVocab, row_end: bool = False
+) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a text-to-image sequence; labels are the ids on image tokens only."""
+    prompt = t2i_prompt_ids(text_ids, vocab)
+    image = image_ids(codes, vocab, row_end)
+    return prompt + image, [IGNORE] * len(prompt) + image
+
+
+def build_caption(
+    codes: torch.Tensor, caption_ids: Sequence[int], vocab: MultimodalVocab, row_end: bool = False
+) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a captioning sequence; labels on the caption ids (with their eot) only."""
+    prompt = caption_prompt_ids(codes, vocab, row_end)
+    return prompt + list(caption_ids), [IGNORE] * len(prompt) + list(caption_ids)
+
+
+def collate(
+    sequences: Sequence[Sequence[int]], vocab: MultimodalVocab, labels: Sequence[Sequence[int]] | None = None
+) -> dict[str, torch.Tensor]:
+    """Left-pad sequences (and their labels) into a batch.
+
+    Returns ``input_ids`` (pad: ``vocab.pad``), ``attention_mask`` (0 on padding),
+    ``position_ids`` (``cumsum(mask) - 1``, 0 on padding) and, with ``labels``, ``labels``
+    (-100 on padding).
+    """
+    length = max(len(s) for s in sequences)
+    batch = len(sequences)
+    input_ids = torch.full((batch, length), vocab.pad, dtype=torch.long)
+    attention_mask = torch.zeros((batch, length), dtype=torch.long)
+    out_labels = torch.full((batch, length), IGNORE, dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        start = length - len(ids)
+        input_ids[row, start:] = torch.as_tensor(list(ids), dtype=torch.long)
+        attention_mask[row, start:] = 1
+        if labels is not None:
+            if len(labels[row]) != len(ids):
+                raise ValueError(f"row {row}: {len(labels[row])} labels for {len(ids)} ids")
+            out_labels[row, start:] = torch.as_tensor(list(labels[row]), dtype=torch.long)
+    batch_out = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
+    }
+    if labels is not None:
+        batch_out["labels"] = out_labels
+    return batch_out
