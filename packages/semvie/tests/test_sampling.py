@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mars_semvie.sampling import Decoder, filter_logits, generate, guide, left_pad, sample_next
+from mars_semvie.sampling import Decoder, filter_logits, generate, guide, sample_next
+from mars_semvie.sequences import collate, image_slots
 
 
 @pytest.fixture
@@ -18,19 +19,16 @@ def model(build_tiny_semvie, perturb_visual_weights):
 
 def prompts(model, rows=((5, 9, 14), (3, 71), (40, 41, 42, 43, 44))):
     """Left-padded text prompts of different lengths, each followed by <image_start>."""
-    return left_pad([[*row, model.vocab.image_start] for row in rows], model.vocab.pad)
+    return left_pad(model, [[*row, model.vocab.image_start] for row in rows])
 
 
 def uncond(model, batch):
-    return left_pad([[model.vocab.image_start]] * batch, model.vocab.pad)
+    return left_pad(model, [[model.vocab.image_start]] * batch)
 
 
-def test_left_pad_puts_padding_on_the_left():
-    ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
-    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    with pytest.raises(ValueError, match="empty"):
-        left_pad([[1], []], pad_id=0)
+def left_pad(model, rows):
+    batch = collate(rows, model.vocab)
+    return batch["input_ids"], batch["attention_mask"]
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
@@ -58,7 +56,7 @@ def test_cfg_scale_one_equals_no_guidance(model):
 def test_cfg_scale_zero_follows_the_unconditional_rows(model):
     """Scale 0 samples from the unconditional logits: the halves of the batch are not swapped."""
     ids, mask = prompts(model)
-    u_ids, u_mask = left_pad([[7, model.vocab.image_start]] * len(ids), model.vocab.pad)
+    u_ids, u_mask = left_pad(model, [[7, model.vocab.image_start]] * len(ids))
     guided = generate(
         model, ids, 8, mask, uncond_ids=u_ids, uncond_attention_mask=u_mask, cfg_scale=0.0, allowed_ids=model.vocab.code_ids
     )
@@ -129,11 +127,11 @@ def test_seeds_reproduce_and_rows_do_not_depend_on_their_batch(model):
 
 def test_sampling_stays_within_allowed_ids_and_places_forced_tokens(model):
     ids, mask = prompts(model)
-    row_end = model.vocab.image_row_end
-    forced = [-1, -1, row_end, -1, -1, row_end]
-    out = generate(model, ids, 6, mask, temperature=2.0, allowed_ids=model.vocab.code_ids, forced=forced)
-    assert (out[:, [2, 5]] == row_end).all()
-    assert model.vocab.is_code(out[:, [0, 1, 3, 4]]).all()
+    vocab = model.vocab
+    slots = image_slots(2, 2, vocab, row_end=True)  # c c R c c R <image_end>
+    out = generate(model, ids, len(slots), mask, temperature=2.0, allowed_ids=vocab.code_ids, forced=slots)
+    assert (out[:, [2, 5]] == vocab.image_row_end).all() and (out[:, 6] == vocab.image_end).all()
+    assert vocab.is_code(out[:, [0, 1, 3, 4]]).all()
 
 
 def test_rows_stop_at_eos(model):
@@ -151,7 +149,7 @@ def test_invalid_arguments_are_refused(model):
     with pytest.raises(ValueError, match="unconditional"):
         generate(model, ids, 4, mask, cfg_scale=2.0)
     with pytest.raises(ValueError, match="forced"):
-        generate(model, ids, 4, mask, forced=[-1])
+        generate(model, ids, 4, mask, forced=[None])
     with pytest.raises(ValueError, match="top_p"):
         filter_logits(torch.zeros(1, 3), top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):

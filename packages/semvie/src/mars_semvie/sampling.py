@@ -22,7 +22,7 @@ Design choices:
   seed only, not on the batch it was drawn in (up to floating-point differences of padding).
 - **KV cache on or off.** ``kv_cache=False`` recomputes the whole sequence at every step (the
   reference, and the baseline of benchmarks/generation.py); both give the same tokens.
-- **Left padding.** Prompts of different lengths are left-padded (``left_pad``); the mask
+- **Left padding.** Prompts of different lengths are left-padded (``sequences.collate``); the mask
   keeps padding out of attention and positions count real tokens only, so a padded prompt
   continues as it would alone.
 """
@@ -37,19 +37,6 @@ if TYPE_CHECKING:  # the model imports this module
     from mars_semvie.model import SemVIEForCausalLM
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists -> (input_ids, attention_mask), both (len(rows), longest), padded on the left."""
-    if not rows or any(len(row) == 0 for row in rows):
-        raise ValueError("left_pad needs at least one row and no empty row")
-    length = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, length - len(row) :] = torch.as_tensor(row, dtype=torch.long)
-        attention_mask[i, length - len(row) :] = 1
-    return input_ids, attention_mask
 
 
 def guide(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
@@ -166,7 +153,7 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     allowed_ids: slice | None = None,
-    forced: Sequence[int] | None = None,
+    forced: Sequence[int | None] | None = None,
     eos_id: int | None = None,
     generator: Generators = None,
     kv_cache: bool = True,
@@ -177,7 +164,8 @@ def generate(
         guidance (any length; padded together with the prompts into one batch). Required
         when cfg_scale != 1, ignored when it is 1.
     allowed_ids: the ids sampling may produce (default: every real id of the vocabulary).
-    forced: one entry per step, a token id to place at that step, or -1 to sample it.
+    forced: one entry per step, a token id to place at that step or None to sample it
+        (``sequences.image_slots`` gives this for an image grid).
     eos_id: a row that produced it produces it again from then on; generation ends early
         when every row has.
     """
@@ -196,7 +184,7 @@ def generate(
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     tokens = []
     for step in range(max_new_tokens):
-        if forced is not None and forced[step] >= 0:
+        if forced is not None and forced[step] is not None:
             token = torch.full((B,), forced[step], dtype=torch.long, device=input_ids.device)
         else:
             logits = guide(decoder.logits, cfg_scale) if guided else decoder.logits
