@@ -30,6 +30,12 @@ Design choices
   single code, the learned codebook to 2 of 512); a restart brings the learned codebook back
   to hundreds of live codes at once, while FSQ stayed on one code for the 200 steps we
   watched (nothing restarts an implicit codebook).
+- **No GroupNorm in the shapes decoder** (``decoder_norm=False``). GroupNorm standardises each
+  channel group over all positions; on a white canvas with one or two flat objects, the
+  object's features after the decoder's last norm keep only their direction within each group,
+  scaled by the object's area, so the colour is hard to read back: with it, every tokenizer
+  we trained for a few hundred steps drew the shapes right in one averaged brown. The encoder
+  keeps its GroupNorm, which keeps the codes apart.
   Restarts also keep the codebook / commitment losses meaningful, and taming checkpoints
   import as plain ``vq``. FSQ stays available (``quantizer="fsq"``).
 """
@@ -77,8 +83,9 @@ class VQGANConfig:
     l2_normalize: bool = True
     # GroupNorm groups (taming: 32); must divide every channel count
     norm_groups: int = 32
-    # GroupNorm in the decoder too (taming: yes). With few channels, the decoder's last
-    # GroupNorm (no skip around it) normalises away the colour of flat regions: see above
+    # GroupNorm in the decoder too (taming: yes). The decoder's last GroupNorm (no skip around
+    # it) normalises each channel group over the image, which on flat objects on a white
+    # background cancels the size of the colour difference: see the module docstring
     decoder_norm: bool = True
     # weight of the commitment loss
     beta: float = 0.25
@@ -124,7 +131,7 @@ PRESETS: dict[str, VQGANConfig] = {
     # below, where 32-128 channels are cheap on a CPU; 512 l2-normalised 8-d codes
     "shapes": VQGANConfig(
         resolution=64, patch_size=4, ch=32, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(),
-        z_channels=64, codebook_size=512, codebook_dim=8, norm_groups=8,
+        z_channels=64, codebook_size=512, codebook_dim=8, norm_groups=8, decoder_norm=False,
     ),
     # unit tests: downsample 4, a few thousand parameters
     "tiny": VQGANConfig(
@@ -343,8 +350,8 @@ class VectorQuantizer(nn.Module):
         """Move codes whose running usage fell below `threshold` onto random encoder outputs.
 
         `z` is a batch of (pre-quantization) encoder outputs (B, D, h, w). Returns how many codes
-        were restarted. Restarted codes get a fresh usage of 1 so they are not restarted again
-        before they had a chance to be picked.
+        were restarted. Restarted codes get a usage of twice the threshold: if they are not
+        picked they are restarted again after about 70 steps (the usage decays by 0.99 a step).
         """
         dead = (self.usage < threshold).nonzero().squeeze(1)
         if dead.numel() == 0:
@@ -353,7 +360,7 @@ class VectorQuantizer(nn.Module):
         picks = torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)
         noise = 0.01 * flat.std() * torch.randn(dead.numel(), self.dim, device=flat.device)
         self.embedding.weight[dead] = (flat[picks] + noise).to(self.embedding.weight.dtype)
-        self.usage[dead] = 1.0
+        self.usage[dead] = 2 * threshold
         return int(dead.numel())
 
 
