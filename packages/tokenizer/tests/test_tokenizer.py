@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mars_tokenizer import VQGAN, VQGANConfig, VQTokenizer
+from mars_tokenizer.vqgan import VectorQuantizer
 
 
 def build_tiny_tokenizer(**overrides) -> VQTokenizer:
@@ -157,3 +158,16 @@ def test_dead_codes_are_restarted_onto_encoder_outputs():
     cos = flat @ torch.nn.functional.normalize(after[[3, 7]], dim=-1).t()
     assert cos.max(dim=0).values.min() > 0.99
     assert quantize.restart_dead_codes(latent, threshold=1.0) == 0
+
+
+def test_restarts_go_where_the_codebook_fits_worst():
+    quantize = VectorQuantizer(size=8, dim=4, l2_normalize=True, beta=0.25)
+    with torch.no_grad():
+        quantize.embedding.weight[:] = torch.eye(4).repeat(2, 1)
+    quantize.usage[:6] = 5.0  # codes 6 and 7 are dead
+    coded = torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(60, 1)  # fit exactly by code 0
+    outlier = torch.nn.functional.normalize(torch.tensor([[1.0, 1.0, 1.0, 1.0]]), dim=-1)
+    z = torch.cat([coded, outlier]).reshape(1, 61, 1, 4).permute(0, 3, 1, 2)
+    assert quantize.restart_dead_codes(z, threshold=1.0) == 2
+    cos = torch.nn.functional.normalize(quantize.embedding.weight[6:].detach(), dim=-1) @ outlier[0]
+    assert (cos > 0.99).all()
