@@ -13,7 +13,8 @@ Design choices
   ``disc_weight`` times taming's adaptive weight (ratio of the reconstruction and GAN gradient
   norms at the decoder's last layer). ``disc_weight=0`` builds no discriminator.
 - **Dead codes.** With a learned codebook, every ``restart_every`` steps codes whose running
-  usage fell below ``dead_code_threshold`` are moved onto random encoder outputs of the batch
+  usage fell below ``dead_code_threshold`` are moved onto encoder outputs of the batch, drawn
+  by how badly the codebook fits them
   (rank 0 decides, the new codebook is broadcast); FSQ's implicit codebook needs none. ``train/codebook_live`` is the share of live codes,
   ``val/codebook_usage`` the share of codes used over the validation set.
 - **The product is the tokenizer.** At the end of training the ``VQTokenizer`` is written with

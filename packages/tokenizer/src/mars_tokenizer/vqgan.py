@@ -20,8 +20,8 @@ Design choices
   quantizer (``l2_normalize=False``) or, for training from scratch, l2-normalised
   low-dimensional codes (``l2_normalize=True``, small ``codebook_dim``; ViT-VQGAN, LlamaGen),
   a cosine match on a small sphere where codes stay near the encoder outputs; codes that stay
-  unused are restarted on encoder outputs (``VectorQuantizer.restart_dead_codes``, driven by
-  the training module); straight-through gradients, codebook loss ||sg[z] - e||^2 and
+  unused are restarted on the encoder outputs the codebook fits worst
+  (``VectorQuantizer.restart_dead_codes``, driven by the training module); straight-through gradients, codebook loss ||sg[z] - e||^2 and
   commitment loss beta * ||z - sg[e]||^2. ``fsq``: finite scalar quantization (Mentzer et al.),
   an implicit, fixed grid of prod(levels) codes: nothing to learn, so no code can die and there
   is no codebook or commitment loss.
