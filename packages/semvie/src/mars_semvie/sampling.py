@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Sequence
 
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:  # the model imports this module
     from mars_semvie.model import SemVIEForCausalLM
@@ -193,7 +194,7 @@ def generate(
             token = token.masked_fill(done, eos_id)
             done |= token == eos_id
         tokens.append(token)
-        if step + 1 == max_new_tokens or bool(done.all()):
+        if step + 1 == max_new_tokens or (eos_id is not None and bool(done.all())):
             break
         decoder.append(torch.cat([token, token]) if guided else token)
     return torch.stack(tokens, dim=1)
@@ -207,8 +208,8 @@ def _stack_left_padded(ids_a, mask_a, ids_b, mask_b, pad_id: int) -> tuple[torch
         mask = torch.ones_like(ids) if mask is None else mask
         extra = length - ids.shape[1]
         return (
-            torch.nn.functional.pad(ids, (extra, 0), value=pad_id),
-            torch.nn.functional.pad(mask, (extra, 0), value=0),
+            F.pad(ids, (extra, 0), value=pad_id),
+            F.pad(mask, (extra, 0), value=0),
         )
 
     (ids_a, mask_a), (ids_b, mask_b) = widen(ids_a, mask_a), widen(ids_b, mask_b)
