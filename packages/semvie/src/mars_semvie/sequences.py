@@ -73,7 +73,7 @@ def prompt_text(caption: str, resolution: tuple[int, int] | None = None) -> str:
 
 def _eot(text_tokenizer) -> int:
     eot = text_tokenizer.convert_tokens_to_ids(ENDOFTEXT)
-    if eot is None or eot == text_tokenizer.unk_token_id:
+    if eot is None or text_tokenizer.convert_ids_to_tokens(eot) != ENDOFTEXT:
         raise ValueError(f"the text tokenizer has no {ENDOFTEXT} token")
     return eot
 

@@ -1,0 +1,181 @@
+"""MARS stages I and II (mars_app.t2i): experiments, gradients, text parity, DeepSpeed, export.
+
+A tiny text LLM (Qwen2, trimmed Qwen tokenizer) and a tiny VQ tokenizer are built here and
+saved to directories, then loaded by path as real checkpoints are. Images are 16 px (4x4 codes
+with the tiny VQ's downsampling 4).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from apps.tokenize_shards import tokenize_shards
+from apps.train import train
+from mars_app.lm_corpus import corpus_text, restatement
+from mars_app.pipeline import MarsPipeline
+from mars_data import shapes
+from mars_semvie.text import qwen_tokenizer
+from mars_tokenizer import VQGANConfig, VQTokenizer
+from tests.test_train import run_cli
+
+EVAL = ["model.evaluation.num=8", "model.evaluation.periodic_num=4", "model.evaluation.batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """{"llm": tiny Qwen2 + tokenizer dir, "vq": tiny VQ tokenizer dir, "shards": 16 px shards}."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    rng = random.Random(0)
+    texts = [shapes.sample_record(rng)["prompt"] for _ in range(400)] + ["64x64 16x16 32x16"]
+    tokenizer = qwen_tokenizer(trim_to=texts)
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    VQTokenizer(VQGANConfig.from_preset("tiny")).save_pretrained(root / "vq")
+    shapes.write_shards(root / "shards", 64, seed=0, size=16, samples_per_shard=32, processes=1)
+    return {"llm": root / "llm", "vq": root / "vq", "shards": root / "shards"}
+
+
+def tiny_overrides(checkpoints, tmp_path, experiment="shapes_stage1") -> list[str]:
+    return [
+        f"experiment={experiment}",
+        f"model.llm_path={checkpoints['llm']}",
+        f"model.tokenizer_path={checkpoints['vq']}",
+        f"model.evaluation.prompts={tmp_path / 'eval.jsonl'}",
+        "data.batch_size=8",
+        "trainer.max_time=null",
+        *EVAL,
+    ]
+
+
+def test_stage1_from_pretokenized_codes_fits_evaluates_and_exports(make_cfg, checkpoints, tmp_path):
+    codes = tmp_path / "codes"
+    tokenize_shards(OmegaConf.create(dict(tokenizer=str(checkpoints["vq"]), input=str(checkpoints["shards"]), output=str(codes), batch_size=32, device="cpu")))
+    cfg = make_cfg([
+        *tiny_overrides(checkpoints, tmp_path), f"data.train_shards={codes}", "data.num_workers=0",
+        "model.resolutions=[16x16]", "model.evaluation.every_n_steps=2", "trainer.max_steps=4",
+    ])
+    metrics = train(cfg)
+    assert metrics["global_step"] == 4
+    for lang in ("en", "zh"):
+        for key in ("single_binding", "pair_binding", "spatial"):
+            assert 0.0 <= metrics[f"eval/{lang}_{key}"] <= 1.0
+    assert 0.0 <= metrics["eval/caption"] <= 1.0
+    assert json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())["eval/en_pair_binding"] == metrics["eval/en_pair_binding"]
+    pipe = MarsPipeline.from_pretrained(Path(cfg.paths.output_dir) / "mars")
+    assert pipe.generate("a red circle", batch_size=1)[0].size == (16, 16)
+
+
+def test_stage2_from_images_of_several_aspect_ratios(make_cfg, checkpoints, tmp_path):
+    """Codes are encoded on the fly; prompts carry the resolution and rows end with row ends."""
+    cfg = make_cfg([
+        *tiny_overrides(checkpoints, tmp_path, "shapes_stage2"), "data=shapes", "data.size=16",
+        "data.num_train_samples=32", "data.num_val_samples=0", "data.samples_per_shard=16",
+        "~data.train_shards", "data.aspect_ratios=[1:1,2:1]", "data.processes=1", "model.resolutions=[32x16,16x16]",
+        "trainer.max_steps=3",
+    ])
+    metrics = train(cfg)
+    assert metrics["global_step"] == 3 and "eval/en_pair_binding" in metrics
+    pipe = MarsPipeline.from_pretrained(Path(cfg.paths.output_dir) / "mars")
+    assert pipe.row_end and pipe.resolution_in_prompt
+    assert pipe.generate("a red circle", batch_size=1, resolution="32x16")[0].size == (32, 16)
+
+
+def build_module(make_cfg, checkpoints, tmp_path, *overrides):
+    cfg = make_cfg([*tiny_overrides(checkpoints, tmp_path), *overrides])
+    return hydra.utils.instantiate(cfg.model)
+
+
+def image_batch(n=8, size=16):
+    """A datamodule batch of rendered scenes (images in [-1, 1]) and their captions."""
+    rng = random.Random(1)
+    records = [shapes.sample_record(rng) for _ in range(n)]
+    pixels = [np.asarray(shapes.render(r["scene"], size), dtype=np.float32) for r in records]
+    images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2) / 127.5 - 1
+    return {"image": images, "caption": [r["prompt"] for r in records]}
+
+
+def test_sequences_of_a_batch_follow_the_task_mix(make_cfg, checkpoints, tmp_path):
+    module = build_module(make_cfg, checkpoints, tmp_path, "model.task_mix.t2i=0.5", "model.task_mix.caption=0.5", "model.uncond_prob=0.5")
+    batch = module.sequences(image_batch(64), random.Random(0))
+    vocab = module.vocab
+    first = batch["input_ids"].gather(1, (batch["attention_mask"] == 0).sum(1, keepdim=True))[:, 0]
+    captioning = first == vocab.image_start
+    assert 10 < int(captioning.sum()) < 54  # about half of 64
+    labels = batch["labels"]
+    targets_visual = vocab.is_visual(labels.clamp(min=0)) & (labels != -100)
+    # text-to-image rows: every target is an image token; captioning rows: none is
+    assert not targets_visual[captioning].any()
+    assert all(bool((labels[row][labels[row] != -100] >= vocab.text_size).all()) for row in (~captioning).nonzero()[:, 0])
+    eot = module.text_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    uncond = [row for row in (~captioning).nonzero()[:, 0] if batch["input_ids"][row].tolist().count(eot) == 2 and (batch["input_ids"][row] < vocab.text_size).sum() == 2]
+    assert 5 < len(uncond) < 30  # about half of the text-to-image rows dropped to the unconditional prompt
+
+
+@pytest.mark.parametrize("visual_expert", [True, False])
+def test_gradients_reach_only_trainable_weights(make_cfg, checkpoints, tmp_path, visual_expert):
+    module = build_module(make_cfg, checkpoints, tmp_path, f"model.visual_expert={visual_expert}", "model.task_mix.caption=0.5")
+    loss = module(**module.sequences(image_batch(), random.Random(0))).loss
+    loss.backward()
+    for name, p in module.named_parameters():
+        if name.startswith("model.llm.") and visual_expert:
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.requires_grad and p.grad is not None, name
+    assert any(float(p.grad.abs().sum()) > 0 for n, p in module.named_parameters() if n.startswith("model.experts." if visual_expert else "model.llm."))
+
+
+def test_text_logits_equal_the_llm_after_training(make_cfg, checkpoints, tmp_path):
+    module = build_module(make_cfg, checkpoints, tmp_path, "model.task_mix.caption=0.5")
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):
+        optimizer.zero_grad()
+        module(**module.sequences(image_batch(), random.Random(step))).loss.backward()
+        optimizer.step()
+    llm = AutoModelForCausalLM.from_pretrained(checkpoints["llm"]).eval()
+    ids = torch.randint(0, llm.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    module.eval()
+    with torch.no_grad():
+        logits = module(ids).logits
+        assert_close(logits[..., : llm.config.vocab_size], llm(ids).logits)
+        assert float(module.model.experts[0].mlp.down_proj.weight.sub(llm.model.layers[0].mlp.down_proj.weight).abs().max()) > 0
+
+
+def test_restatement_corpus_puts_objects_in_reading_order():
+    scene = {"objects": [{"color": "red", "shape": "circle"}, {"color": "blue", "shape": "square"}], "relation": "right of"}
+    assert restatement(scene) == "blue square left of red circle"
+    assert restatement({**scene, "relation": "above"}) == "red circle above blue square"
+    assert restatement({"objects": scene["objects"][:1]}) == "red circle"
+    record = {"prompt": "一个红色的圆形在一个蓝色的正方形的下面", "scene": {**scene, "relation": "below"}}
+    assert corpus_text(record, (96, 64)) == "一个红色的圆形在一个蓝色的正方形的下面 96x64<|endoftext|>blue square above red circle"
+
+
+def test_deepspeed_zero3_two_cpu_processes_fit_save_and_resume(checkpoints, tmp_path):
+    args = [
+        "experiment=shapes_stage1", f"model.llm_path={checkpoints['llm']}", f"model.tokenizer_path={checkpoints['vq']}",
+        f"data.train_shards={checkpoints['shards']}", "data.load_images=true", "data.load_codes=false",
+        "data.resampled=true", "data.samples_per_epoch=64", "data.batch_size=8", "data.num_workers=0",
+        "model.evaluation=null", "model.resolutions=[16x16]", "trainer.max_time=null",
+        "trainer=deepspeed_zero3", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+    ]
+    run_cli([*args, "trainer.max_steps=3", "callbacks.model_checkpoint.every_n_train_steps=3", "hydra.run.dir=first"], cwd=tmp_path)
+    checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_dir()
+    assert (tmp_path / "first" / "mars" / "mars.json").exists()
+    run_cli([*args, "trainer.max_steps=5", f"ckpt_path={checkpoint}", "hydra.run.dir=second"], cwd=tmp_path)
+    assert json.loads((tmp_path / "second" / "metrics.json").read_text())["global_step"] == 5
+    MarsPipeline.from_pretrained(tmp_path / "second" / "mars").generate("a red circle", batch_size=1)
