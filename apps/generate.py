@@ -112,7 +112,7 @@ def generate(cfg: DictConfig) -> dict:
         raise ValueError("task=caption needs images=DIR")
     else:
         paths = list_images(cfg.images)
-    pipeline = MarsPipeline.from_pretrained(cfg.ckpt, device=cfg.device)
+    pipeline = MarsPipeline.from_pretrained(cfg.ckpt, llm_path=cfg.llm_path, device=cfg.device)
     return draw(cfg, pipeline, prompts) if cfg.task == "t2i" else caption(cfg, pipeline, paths)
 
 

@@ -139,6 +139,8 @@ def test_pipeline_refuses_bad_input(tmp_path, ckpt, pipeline):
     (tmp_path / "partial" / CONFIG_NAME).write_text("{}")
     with pytest.raises(FileNotFoundError, match="missing semvie, tokenizer, text_tokenizer"):
         MarsPipeline.from_pretrained(tmp_path / "partial")
+    with pytest.raises(FileNotFoundError, match="pass llm_path=<its directory> if it moved"):
+        MarsPipeline.from_pretrained(ckpt, llm_path=str(tmp_path / "moved"))
     with pytest.raises(ValueError, match="unknown resolution 8x8"):
         pipeline.caption(Image.new("RGB", (8, 8)))
 

@@ -56,6 +56,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mars_semvie import sampling
 from mars_semvie.vocab import MultimodalVocab
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
@@ -344,41 +345,18 @@ class SemVIEForCausalLM(nn.Module):
         return allowed.unsqueeze(-3), False
 
     # ---------------------------------------------------------------------------- generate
-    @torch.no_grad()
     def generate(
-        self,
-        input_ids: torch.Tensor,
-        max_new_tokens: int,
-        attention_mask: torch.Tensor | None = None,
-        temperature: float = 0.0,
-        allowed_ids: slice | None = None,
-        generator: torch.Generator | None = None,
+        self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None, **options
     ) -> torch.Tensor:
-        """Greedy (temperature 0) or sampled continuation with the KV cache; (B, max_new_tokens).
+        """Continue prompts with the KV cache, greedy by default; the new tokens (B, n).
 
-        Prompts of different lengths are left-padded with ``attention_mask`` zeros. Only ids in
-        ``allowed_ids`` are sampled (default: every real id; e.g. ``vocab.code_ids`` for images).
+        Prompts of different lengths are left-padded with ``attention_mask`` zeros. ``options``
+        are those of ``mars_semvie.sampling.generate``, the one sampling path: ``allowed_ids``
+        (default: every real id; e.g. ``vocab.code_ids`` for images), ``temperature``, ``top_k``,
+        ``top_p``, ``cfg_scale`` with ``uncond_ids``, ``forced``, ``eos_id``, ``generator``,
+        ``kv_cache``.
         """
-        B, L = input_ids.shape
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None
-        if attention_mask is None:
-            position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
-        else:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        cache = self.new_cache(B, L + max_new_tokens)
-        out = self(input_ids, attention_mask, position_ids, cache=cache, logits_to_keep=1)
-        tokens = []
-        for step in range(max_new_tokens):
-            token = sample_next(out.logits[:, -1], temperature, allowed_ids or self.vocab.used_ids, generator)
-            tokens.append(token)
-            if step + 1 == max_new_tokens:
-                break
-            position_ids = position_ids[:, -1:] + 1
-            if attention_mask is not None:
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-            out = self(token[:, None], attention_mask, position_ids, cache=cache)
-        return torch.stack(tokens, dim=1)
+        return sampling.generate(self, input_ids, max_new_tokens, attention_mask, **options)
 
     # ------------------------------------------------------------------------ save / load
     def save_pretrained(self, save_dir: str | Path, llm_path: str | None = None) -> None:
@@ -414,6 +392,11 @@ class SemVIEForCausalLM(nn.Module):
         llm_dir = Path(llm_path or stored_llm_path)
         if not llm_dir.is_absolute() and not llm_path:
             llm_dir = path / llm_dir
+        if not llm_dir.is_dir():
+            raise FileNotFoundError(
+                f"the text LLM {llm_dir} ({'llm_path' if llm_path else 'recorded in ' + str(path / CONFIG_NAME)}) "
+                "is not a directory: pass llm_path=<its directory> if it moved"
+            )
         llm = load_llm(llm_dir, dtype=dtype)
         model = cls(llm, SemVIEConfig(**meta))
         missing, unexpected = model.load_state_dict(load_file(path / WEIGHTS_NAME), strict=False)
@@ -434,15 +417,3 @@ def load_llm(path: str | Path | None = None, config=None, dtype: torch.dtype | N
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
-
-def sample_next(
-    logits: torch.Tensor, temperature: float, allowed_ids: slice, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Next token ids (B,) from last-position logits (B, V), restricted to ``allowed_ids``."""
-    logits = logits[:, allowed_ids]
-    if temperature == 0:
-        index = logits.argmax(dim=-1)
-    else:
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
-        index = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    return index + (allowed_ids.start or 0)
