@@ -21,7 +21,9 @@ Design choices:
   embeddings; the new parts (visual embeddings, vision head) may get a larger learning rate
   (``new_params_lr_scale``): they start from nothing while the experts start as copies of the
   text weights. Linear warm-up over ``warmup_ratio`` of the steps, then cosine decay to
-  ``min_lr_ratio`` of the peak.
+  ``min_lr_ratio`` of the peak. With ``trainer.max_time`` the schedule follows whichever of
+  the two budgets (steps, time) runs out first, so a run cut by its time limit (a laptop
+  demo) still ends decayed rather than at its peak learning rate.
 - **EMA** of the trainable weights (``ema_decay``; None: off), updated after every optimizer
   step, kept in fp32 and saved in checkpoints. Evaluation and export use the EMA weights. EMA
   needs whole parameters: under DeepSpeed ZeRO-3 (sharded parameters) it is off and the raw
@@ -48,6 +50,7 @@ from typing import Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_info
 
 from mars_app.pipeline import MarsPipeline, parse_resolution
@@ -206,12 +209,15 @@ class TextToImageModule(L.LightningModule):
             group["lr"] *= group.pop("lr_scale", 1.0)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(1, int(self.warmup_ratio * total))
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer) and c._duration), None)
 
         def lr_factor(step: int) -> float:
-            if step < warmup:
+            # with trainer.max_time, the schedule follows whichever budget (steps, time) runs out first
+            done = max(step / total, timer.time_elapsed("train") / timer._duration if timer else 0.0)
+            if done < self.warmup_ratio and step < warmup:
                 return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+            progress = min(1.0, (done - self.warmup_ratio) / max(1e-8, 1 - self.warmup_ratio))
+            return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * max(0.0, progress)))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
