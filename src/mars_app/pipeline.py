@@ -210,7 +210,8 @@ class MarsPipeline:
         device = self.model.visual_embed.weight.device
 
         images = []
-        for start in tqdm(range(0, len(prompts), batch_size), desc="generating", unit="batch", disable=not progress):
+        bar = tqdm(total=len(prompts), desc="generating", unit="image", disable=not progress)
+        for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             cond = collate([t2i_prompt_ids(encode_prompt(self.text_tokenizer, p, in_prompt), self.vocab) for p in chunk], self.vocab)
             unc = collate([uncond] * len(chunk), self.vocab)
@@ -229,6 +230,8 @@ class MarsPipeline:
             )
             codes = torch.stack([codes_from_ids(row, rows, columns, self.vocab) for row in tokens.cpu()])
             images.extend(to_pil(self.vq_tokenizer.decode(codes)))
+            bar.update(len(chunk))
+        bar.close()
         return images
 
     # ---------------------------------------------------------------------------- caption
@@ -249,7 +252,8 @@ class MarsPipeline:
         images = [images] if isinstance(images, Image.Image) else list(images)
         device = self.model.visual_embed.weight.device
         captions = []
-        for start in tqdm(range(0, len(images), batch_size), desc="captioning", unit="batch", disable=not progress):
+        bar = tqdm(total=len(images), desc="captioning", unit="image", disable=not progress)
+        for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
             prompts = [caption_prompt_ids(self.encode(image), self.vocab, self.row_end) for image in chunk]
             batch = collate(prompts, self.vocab)
@@ -269,6 +273,8 @@ class MarsPipeline:
             for row in tokens.tolist():
                 text = row[: row.index(self.eot)] if self.eot in row else row
                 captions.append(self.text_tokenizer.decode(text, skip_special_tokens=True).strip())
+            bar.update(len(chunk))
+        bar.close()
         return captions
 
     def encode(self, image: Image.Image) -> torch.Tensor:
