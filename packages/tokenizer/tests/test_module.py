@@ -69,6 +69,17 @@ def test_fit_updates_generator_and_discriminator_and_saves_the_tokenizer(tmp_pat
     assert torch.equal(loaded.encode(x), module.tokenizer.encode(x))
 
 
+def test_training_resumes_from_a_checkpoint(tmp_path):
+    trainer = fit(build_module(), tmp_path, steps=2)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    resumed = L.Trainer(accelerator="cpu", max_steps=4, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    resumed.fit(build_module(), train_dataloaders=DataLoader(Squares(), batch_size=8), ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.global_step == 4
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert VQGANModule(**{**checkpoint["hyper_parameters"], "optimizer": torch.optim.Adam}).tokenizer.config == VQGANConfig.from_preset("tiny")
+
+
 def test_discriminator_waits_for_disc_start_and_can_be_off(tmp_path):
     module = build_module(disc_start=100)
     disc_before = module.discriminator.main[0].weight.detach().clone()

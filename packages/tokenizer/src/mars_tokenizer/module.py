@@ -24,7 +24,7 @@ Design choices
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import lightning as L
@@ -39,7 +39,7 @@ from mars_tokenizer.vqgan import VectorQuantizer, VQGANConfig, codebook_perplexi
 class VQGANModule(L.LightningModule):
     def __init__(
         self,
-        vqgan: VQGANConfig,
+        vqgan: VQGANConfig | Mapping,
         optimizer: Callable[[Iterable], torch.optim.Optimizer],
         l1_weight: float = 1.0,
         l2_weight: float = 1.0,
@@ -56,7 +56,11 @@ class VQGANModule(L.LightningModule):
         save_dir: str | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer"])
+        if isinstance(vqgan, Mapping):
+            vqgan = VQGANConfig(**vqgan)
+        self.save_hyperparameters(ignore=["optimizer", "vqgan"])
+        # a plain dict: checkpoints then load with torch.load(weights_only=True), as resuming does
+        self.hparams["vqgan"] = vqgan.to_dict()
         self.automatic_optimization = False
         self.tokenizer = VQTokenizer(vqgan)
         self.optimizer_factory = optimizer
