@@ -242,7 +242,8 @@ class TextToImageModule(L.LightningModule):
                 for name, p in self._trainable().items():
                     self.ema[name].lerp_(p.detach().float(), 1 - self.ema_decay)
         every = self.evaluation.get("every_n_steps")
-        if every and self.global_step % every == 0 and self.global_step < self.trainer.max_steps:
+        last = self.global_step == self.trainer.max_steps  # the final evaluation follows in on_train_end
+        if every and self.global_step % every == 0 and not last:
             metrics = self.evaluate(self.evaluation.get("periodic_num"))
             self.log_dict(metrics, rank_zero_only=True)
 
