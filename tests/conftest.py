@@ -20,8 +20,9 @@ def compose_config(overrides: list[str], run_dir: Path, config_name: str = "trai
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
-        cfg.paths.root_dir = str(run_dir)
-        cfg.paths.output_dir = str(run_dir / "run")
+        if "paths" in cfg:
+            cfg.paths.root_dir = str(run_dir)
+            cfg.paths.output_dir = str(run_dir / "run")
         cfg.hydra.runtime.output_dir = str(run_dir / "run")
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
