@@ -17,7 +17,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from torch.testing import assert_close
-from transformers import AutoModelForCausalLM, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
 from apps.tokenize_shards import tokenize_shards
 from apps.train import train
@@ -180,3 +180,19 @@ def test_deepspeed_zero3_two_cpu_processes_fit_save_and_resume(checkpoints, tmp_
     run_cli([*args, "trainer.max_steps=5", f"ckpt_path={checkpoint}", "hydra.run.dir=second"], cwd=tmp_path)
     assert json.loads((tmp_path / "second" / "metrics.json").read_text())["global_step"] == 5
     MarsPipeline.from_pretrained(tmp_path / "second" / "mars").generate("a red circle", batch_size=1)
+
+
+def test_shapes_lm_pretrains_on_the_restatement_corpus(make_cfg):
+    cfg = make_cfg([
+        "experiment=shapes_lm", "data=lm_corpus", "logger=csv", "trainer.max_steps=2", "trainer.val_check_interval=2",
+        "data.make_missing.0.python.3=600", "data.make_missing.1.python.3=100",  # --num: small corpora
+        "model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_hidden_layers=1",
+        "model.config.num_attention_heads=2", "model.config.num_key_value_heads=2",
+    ])
+    assert train(cfg)["global_step"] == 2
+    texts = [json.loads(line)["prompt"] for line in Path(cfg.data.train_files[0]).read_text().splitlines()]
+    assert all(text.count("<|endoftext|>") == 1 for text in texts)
+    assert any(" 96x64<|endoftext|>" in text for text in texts)  # stage II sizes after some captions
+    tokenizer = AutoTokenizer.from_pretrained(Path(cfg.paths.output_dir) / "llm")
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert tokenizer(texts[0], add_special_tokens=False)["input_ids"].count(eot) == 1
