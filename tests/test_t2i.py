@@ -171,7 +171,6 @@ def test_deepspeed_zero3_two_cpu_processes_fit_save_and_resume(checkpoints, tmp_
         "data.resampled=true", "data.samples_per_epoch=64", "data.batch_size=8", "data.num_workers=0",
         "model.evaluation=null", "model.resolutions=[16x16]", "trainer.max_time=null",
         "trainer=deepspeed_zero3", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
-        "+trainer.strategy.logging_batch_size_per_gpu=8",  # webdataset loaders have no batch sampler to read it from
     ]
     run_cli([*args, "trainer.max_steps=3", "callbacks.model_checkpoint.every_n_train_steps=3", "hydra.run.dir=first"], cwd=tmp_path)
     checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
