@@ -18,15 +18,9 @@ import hydra
 from omegaconf import DictConfig
 from PIL import Image
 
-from mars_data.shapes import METRICS, score_image, summarize
+from mars_data.shapes import METRICS, read_prompts, score_image, summarize
 
 log = logging.getLogger(__name__)
-
-
-def load_prompts(path: str | Path) -> list[dict]:
-    """The records of a JSON Lines prompt file (blank lines ignored)."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
 
 
 def load_image(path: Path) -> Image.Image | None:
@@ -60,7 +54,7 @@ def evaluate(cfg: DictConfig) -> dict:
     """Score the images and write the summary and per-row results; returns the summary."""
     if cfg.task != "shapes":
         raise ValueError(f"unknown evaluation task {cfg.task!r}; known: shapes")
-    records = load_prompts(cfg.prompts)
+    records = read_prompts(cfg.prompts)
     images = Path(cfg.images)
     results = []
     for index, record in enumerate(records):

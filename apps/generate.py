@@ -23,32 +23,11 @@ from omegaconf import DictConfig
 from PIL import Image, ImageDraw, ImageFont
 
 from mars_app.pipeline import MarsPipeline
+from mars_data.shapes import read_prompts
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """The ``prompt`` of every non-blank row of a JSON Lines file, with errors that name the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not a JSON line ({error.msg})") from None
-        prompt = record.get("prompt") if isinstance(record, dict) else None
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f'{path}:{number}: a row needs a non-empty "prompt" string, got {line.strip()[:80]}')
-        prompts.append(prompt)
-    if not prompts:
-        raise ValueError(f"prompt file {path} has no prompts")
-    return prompts
 
 
 def list_images(directory: str | Path) -> list[Path]:
@@ -123,7 +102,7 @@ def t2i_prompts(cfg: DictConfig) -> list[str]:
         if not str(cfg.prompt).strip():
             raise ValueError('prompt="" is empty: write what to draw')
         return [str(cfg.prompt)]
-    return read_prompts(cfg.prompts)
+    return [record["prompt"] for record in read_prompts(cfg.prompts)]
 
 
 def draw(cfg: DictConfig, pipeline: MarsPipeline, prompts: list[str]) -> dict:

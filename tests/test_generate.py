@@ -13,7 +13,8 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
 
-from apps.generate import generate, read_prompts
+from apps.generate import generate
+from mars_data.shapes import read_prompts
 from mars_app.pipeline import CONFIG_NAME, MarsPipeline
 from mars_semvie import SemVIEForCausalLM
 from mars_semvie.text import ENDOFTEXT
@@ -201,7 +202,7 @@ def test_generate_app_errors(make_cfg, tmp_path, ckpt, overrides, error, match):
 
 
 def test_read_prompts_skips_blank_lines(prompt_file):
-    assert read_prompts(prompt_file) == PROMPTS
+    assert [record["prompt"] for record in read_prompts(prompt_file)] == PROMPTS
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from mars_data.shapes.scoring import METRICS, detect, relation_holds, score_imag
 from mars_data.shapes.shards import (
     aspect_size,
     eval_rng,
+    read_prompts,
     sample_record,
     shard_records,
     write_prompts,
@@ -60,6 +61,7 @@ __all__ = [
     "shard_records",
     "summarize",
     "write_caption",
+    "read_prompts",
     "write_prompts",
     "write_shards",
 ]

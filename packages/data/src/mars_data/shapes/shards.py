@@ -175,3 +175,26 @@ def write_prompts(out: str | Path, num: int, seed: int) -> list[dict]:
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     os.replace(tmp, out)
     return records
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    """The records of a prompt file, in row order (blank lines skipped); each row needs a
+    non-empty ``prompt``. Errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not a JSON line ({error.msg})") from None
+        prompt = record.get("prompt") if isinstance(record, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f'{path}:{number}: a row needs a non-empty "prompt" string, got {line.strip()[:80]}')
+        records.append(record)
+    if not records:
+        raise ValueError(f"prompt file {path} has no prompts")
+    return records
