@@ -25,16 +25,6 @@ WORDS = "a one an image of red blue green circle square triangle left right abov
 PROMPTS = ["a red circle", "one blue square left of a green triangle", "an image of a blue circle"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors gain nothing from intra-op threads, while on a machine shared with other jobs
-    every parallel op waits for descheduled workers: measured 10x slower with the default threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_text_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer of the shapes words (the Qwen one takes seconds to convert)."""
     vocab = {word: i for i, word in enumerate([ENDOFTEXT, "[UNK]", *WORDS])}
