@@ -118,3 +118,27 @@ def test_perceptual_loss_is_built_only_from_a_local_file(tmp_path):
 def test_patch_discriminator_scores_patches():
     logits = PatchDiscriminator(3, ndf=8, n_layers=2)(torch.randn(2, 3, 32, 32))
     assert logits.shape == (2, 1, 6, 6)
+
+
+def test_learning_rate_warms_up_then_decays_to_min_lr_ratio(tmp_path):
+    module = build_module(disc_weight=0.0, warmup_steps=2, min_lr_ratio=0.1)
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=8, limit_val_batches=0, logger=False, callbacks=[Record()],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=DataLoader(Squares(64), batch_size=8))
+    assert seen[0] == pytest.approx(1e-3) and seen[2] == pytest.approx(2e-3)  # warm-up from lr / warmup_steps
+    assert all(a > b for a, b in zip(seen[2:], seen[3:]))  # then cosine decay
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(2e-4)  # min_lr_ratio x lr at max_steps
+
+
+def test_cosine_decay_needs_max_steps():
+    module = build_module(disc_weight=0.0, min_lr_ratio=0.1)
+    trainer = L.Trainer(accelerator="cpu", max_time="00:00:00:05", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match="max_steps"):
+        trainer.fit(module, train_dataloaders=DataLoader(Squares(8), batch_size=8))

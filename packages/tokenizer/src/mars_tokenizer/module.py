@@ -17,6 +17,9 @@ Design choices
   by how badly the codebook fits them
   (rank 0 decides, the new codebook is broadcast); FSQ's implicit codebook needs none. ``train/codebook_live`` is the share of live codes,
   ``val/codebook_usage`` the share of codes used over the validation set.
+- **Schedule.** Linear warm-up over ``warmup_steps``, then (with ``min_lr_ratio`` set) cosine
+  decay to that fraction of the peak at ``trainer.max_steps`` (torch's own schedulers): the last
+  steps at a low learning rate sharpen edges, which the shapes world's scoring needs.
 - **The product is the tokenizer.** At the end of training the ``VQTokenizer`` is written with
   ``save_pretrained`` to ``save_dir`` (the app sets ``<run dir>/tokenizer``); later stages load
   it with ``VQTokenizer.from_pretrained``.
@@ -53,6 +56,8 @@ class VQGANModule(L.LightningModule):
         restart_every: int = 50,
         dead_code_threshold: float = 0.01,
         grad_clip: float | None = 1.0,
+        warmup_steps: int = 0,
+        min_lr_ratio: float | None = None,
         save_dir: str | None = None,
     ):
         super().__init__()
@@ -78,7 +83,18 @@ class VQGANModule(L.LightningModule):
         groups = [{"params": list(self.vqgan.parameters())}]
         if self.discriminator is not None:
             groups.append({"params": list(self.discriminator.parameters())})
-        return self.optimizer_factory(groups)
+        optimizer = self.optimizer_factory(groups)
+        hp, total = self.hparams, self.trainer.max_steps
+        if hp.min_lr_ratio is None and not hp.warmup_steps:
+            return optimizer
+        warmup, peak = max(1, hp.warmup_steps), optimizer.param_groups[0]["lr"]
+        scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / warmup, 1.0, total_iters=warmup)
+        if hp.min_lr_ratio is not None:
+            if total is None or total < 0:
+                raise ValueError("model.min_lr_ratio (cosine decay) needs trainer.max_steps")
+            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, total - warmup), eta_min=peak * hp.min_lr_ratio)
+            scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [scheduler, cosine], milestones=[warmup])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def reconstruction_loss(self, x: torch.Tensor, rec: torch.Tensor) -> tuple[torch.Tensor, dict]:
         hp = self.hparams
@@ -125,6 +141,9 @@ class VQGANModule(L.LightningModule):
                 if module is not None:
                     torch.nn.utils.clip_grad_norm_(module.parameters(), hp.grad_clip)
         optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
 
         restarts = hp.restart_every and isinstance(self.vqgan.quantize, VectorQuantizer)
         if restarts and (self.global_step + 1) % hp.restart_every == 0:
