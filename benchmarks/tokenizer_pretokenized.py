@@ -1,8 +1,9 @@
 """Training-time input speed: pre-tokenized shards (codes only) vs encoding images on the fly.
 
-    python benchmarks/tokenizer_pretokenized.py [--tokenizer DIR] [--num-samples 2000] [--batch-size 64]
+    python benchmarks/tokenizer_pretokenized.py [--tokenizer DIR | --preset shapes|paper] [--num-samples 2000] [--batch-size 64]
 
-Writes shapes-world shards (64 px) to a temporary directory, pre-tokenizes them with
+Writes shapes-world shards (at the tokenizer's resolution: 64 px for ``shapes``, 256 px for the
+paper's tokenizer) to a temporary directory, pre-tokenizes them with
 ``apps/tokenize_shards.py`` (the user's command), then reads the same samples two ways, side by
 side in this process, as a language-model training loop would get its visual ids:
 - on the fly: ``ShardDataModule(load_images=True)``, decode PNGs, ``tokenizer.encode`` each batch;
@@ -10,7 +11,8 @@ side in this process, as a language-model training loop would get its visual ids
   decoded, the codes are read from ``codes.npy``.
 Both use the same batch size and no DataLoader workers; the figure is samples / wall-clock
 seconds over one pass, after one warm-up pass. Without ``--tokenizer`` a freshly initialised
-``shapes`` preset is used (encoding cost does not depend on the weights).
+``--preset`` is used (encoding cost does not depend on the weights). The ratio grows with the
+encoder's cost: the tiny shapes encoder at 64 px is cheap, the paper's at 256 px is not.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def samples_per_second(datamodule: ShardDataModule, step) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokenizer", help="a saved VQTokenizer directory (default: untrained shapes preset)")
+    parser.add_argument("--tokenizer", help="a saved VQTokenizer directory (default: an untrained --preset)")
+    parser.add_argument("--preset", default="shapes", help="VQGANConfig preset when no --tokenizer is given")
     parser.add_argument("--num-samples", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
@@ -54,9 +57,10 @@ def main() -> None:
         if args.tokenizer:
             tokenizer_dir = Path(args.tokenizer)
         else:
-            tokenizer_dir = VQTokenizer(VQGANConfig.from_preset("shapes")).save_pretrained(tmp / "tokenizer")
+            tokenizer_dir = VQTokenizer(VQGANConfig.from_preset(args.preset)).save_pretrained(tmp / "tokenizer")
         tokenizer = VQTokenizer.from_pretrained(tokenizer_dir)
-        write_shards(tmp / "images", args.num_samples, seed=0, size=64, samples_per_shard=500, processes=1, progress=False)
+        size = tokenizer.config.resolution
+        write_shards(tmp / "images", args.num_samples, seed=0, size=size, samples_per_shard=500, processes=1, progress=False)
         subprocess.run(
             [sys.executable, str(ROOT / "apps" / "tokenize_shards.py"), f"tokenizer={tokenizer_dir}",
              f"input={tmp / 'images'}", f"output={tmp / 'codes'}", f"paths.log_dir={tmp / 'logs'}"],
@@ -73,15 +77,15 @@ def main() -> None:
             nonlocal codes_sum
             codes_sum += batch["codes"].sum()
 
-        print(f"{args.num_samples} samples at 64 px, batch {args.batch_size}, tokenizer "
+        print(f"{args.num_samples} samples at {size} px, batch {args.batch_size}, tokenizer "
               f"{tokenizer.config.downsample}x downsampling, {os.cpu_count()} CPUs, "
               f"{torch.get_num_threads()} torch threads, load {os.getloadavg()[0]:.2f}")
         on_the_fly = samples_per_second(ShardDataModule(str(tmp / "images"), **loader), encode)
         pretokenized = samples_per_second(
             ShardDataModule(str(tmp / "codes"), load_images=False, load_codes=True, **loader), read
         )
-    print(f"on the fly (decode PNG + encode): {on_the_fly:10.0f} samples/s")
-    print(f"pre-tokenized (codes.npy only):   {pretokenized:10.0f} samples/s")
+    print(f"on the fly (decode PNG + encode): {on_the_fly:10.1f} samples/s")
+    print(f"pre-tokenized (codes.npy only):   {pretokenized:10.1f} samples/s")
     print(f"ratio: {pretokenized / on_the_fly:.1f}x")
 
 
