@@ -1,16 +1,19 @@
 """The embedded default end to end: ``make demo`` (``python apps/demo.py [out_dir=DIR]``).
 
 Runs the project's own commands in order, printing each before it runs, so that every step
-can be repeated by hand: held-out prompts, the VQ tokenizer, the text LLM, pre-tokenized
-shards, MARS stage I, a sample grid, generation and evaluation on the held-out prompts, and
-captions of the generated images. A finished step leaves ``<out_dir>/.done/<step>`` and is
-skipped on the next run; an interrupted training step resumes from its last checkpoint. Data
-lives in ``<out_dir>/data``, each training run in ``<out_dir>/<step>``.
+can be repeated by hand: held-out prompts and their scenes, the VQ tokenizer and the text LLM
+(side by side: they do not depend on each other, and two one-thread jobs use 2 cores better
+than one two-thread job), pre-tokenized shards, MARS stage I, a sample grid, generation and
+evaluation on the held-out prompts, and captions of the held-out scenes, scored. A finished step leaves
+``<out_dir>/.done/<step>`` and is skipped on the next run; an interrupted training step
+resumes from its last checkpoint. Data lives in ``<out_dir>/data``, each training run in
+``<out_dir>/<step>``; steps run side by side write their output to ``<out_dir>/<step>.log``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -38,7 +41,7 @@ def train_step(name: str, overrides: list[str], out: Path) -> Step:
     return Step(name, lambda: args, resume_from=run / "checkpoints" / "last.ckpt")
 
 
-def demo_steps(cfg: DictConfig, out: Path) -> list[Step]:
+def demo_steps(cfg: DictConfig, out: Path) -> list[Step | tuple[Step, ...]]:
     data = out / "data"
     eval_prompts = data / "eval" / f"prompts-{cfg.eval_seed}.jsonl"
     tokenizer, llm, ckpt = out / "tokenizer" / "tokenizer", out / "lm" / "llm", out / "stage1" / "mars"
@@ -52,8 +55,9 @@ def demo_steps(cfg: DictConfig, out: Path) -> list[Step]:
     return [
         Step("eval_prompts", lambda: ["-m", "mars_data.shapes", "prompts", "--num", str(cfg.eval_num),
                                       "--seed", str(cfg.eval_seed), "--out", str(eval_prompts)]),
-        train_step("tokenizer", list(cfg.tokenizer), out),
-        train_step("lm", list(cfg.lm), out),
+        Step("eval_scenes", lambda: ["-m", "mars_data.shapes", "render", "--prompts", str(eval_prompts),
+                                     "--out", str(out / "eval_scenes")]),
+        (train_step("tokenizer", list(cfg.tokenizer), out), train_step("lm", list(cfg.lm), out)),
         Step("codes", lambda: [str(APPS / "tokenize_shards.py"), f"tokenizer={tokenizer}",
                                f"input={shapes_train_shards()}", f"output={data / 'shapes_codes' / 'train'}",
                                f"hydra.run.dir={out / 'codes'}"]),
@@ -65,8 +69,11 @@ def demo_steps(cfg: DictConfig, out: Path) -> list[Step]:
         Step("evaluate", lambda: [str(APPS / "evaluate.py"), "task=shapes", f"prompts={eval_prompts}",
                                   f"images={out / 'eval_images'}", f"hydra.run.dir={out / 'eval_images'}"]),
         Step("captions", lambda: [str(APPS / "generate.py"), f"ckpt={ckpt}", "task=caption",
-                                  f"images={out / 'eval_images'}", f"out={out / 'captions.jsonl'}",
-                                  f"hydra.run.dir={out / 'eval_images'}"]),
+                                  f"images={out / 'eval_scenes'}", f"out={out / 'captions' / 'captions.jsonl'}",
+                                  f"hydra.run.dir={out / 'captions'}"]),
+        Step("evaluate_captions", lambda: [str(APPS / "evaluate.py"), "task=captions", f"prompts={eval_prompts}",
+                                           f"captions={out / 'captions' / 'captions.jsonl'}",
+                                           f"hydra.run.dir={out / 'captions'}"]),
     ]
 
 
@@ -76,22 +83,38 @@ def write_sample_prompts(cfg: DictConfig, out: Path) -> Path:
     return path
 
 
-def run_steps(steps: list[Step], out: Path) -> None:
+def run_steps(steps: list[Step | tuple[Step, ...]], out: Path) -> None:
+    """Run each step (a tuple: its steps side by side) unless its ``.done`` marker exists."""
     done_dir = out / ".done"
     done_dir.mkdir(parents=True, exist_ok=True)
-    for i, step in enumerate(steps, 1):
-        header, marker = f"[{i}/{len(steps)}] {step.name}", done_dir / step.name
-        if marker.exists():
-            print(f"{header}: done already", flush=True)
-            continue
-        command = [sys.executable, *step.args()]
-        if step.resume_from is not None and step.resume_from.exists():
-            command.append(f"ckpt_path={step.resume_from}")
-        print(f"{header}: {shlex.join(command)}", flush=True)
+    for i, group in enumerate(steps, 1):
+        group = group if isinstance(group, tuple) else (group,)
+        todo = [s for s in group if not (done_dir / s.name).exists()]
+        for step in group:
+            if step not in todo:
+                print(f"[{i}/{len(steps)}] {step.name}: done already", flush=True)
+        side_by_side = len(todo) > 1
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(todo)))} if side_by_side else None
+        running = []
         start = time.monotonic()
-        subprocess.run(command, check=True)
-        marker.touch()
-        print(f"{header}: finished in {time.monotonic() - start:.0f} s", flush=True)
+        for step in todo:
+            command = [sys.executable, *step.args()]
+            if step.resume_from is not None and step.resume_from.exists():
+                command.append(f"ckpt_path={step.resume_from}")
+            log = out / f"{step.name}.log" if side_by_side else None
+            print(f"[{i}/{len(steps)}] {step.name}: {shlex.join(command)}" + (f"  (output: {log})" if log else ""), flush=True)
+            with open(log, "a") if log else open(os.devnull) as sink:  # the child keeps its own handle
+                output = dict(stdout=sink, stderr=subprocess.STDOUT) if log else {}
+                running.append((step, subprocess.Popen(command, env=env, **output), log))
+        failed = []
+        for step, process, log in running:
+            if process.wait() != 0:
+                failed.append(f"{step.name} (exit {process.returncode}{f', see {log}' if log else ''})")
+                continue
+            (done_dir / step.name).touch()
+            print(f"[{i}/{len(steps)}] {step.name}: finished in {time.monotonic() - start:.0f} s", flush=True)
+        if failed:
+            raise SystemExit(f"demo step failed: {', '.join(failed)}; rerun to resume")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="demo")
@@ -103,7 +126,7 @@ def main(cfg: DictConfig) -> None:
     print(f"  MARS checkpoint:  {out / 'stage1' / 'mars'}")
     print(f"  sample grid:      {out / 'samples' / 'grid.png'}")
     print(f"  evaluation:       {out / 'eval_images' / 'eval_summary.json'}")
-    print(f"  captions:         {out / 'captions.jsonl'}")
+    print(f"  captions:         {out / 'captions' / 'captions.jsonl'} (scores: caption_summary.json)")
     print(f"Draw with it:\n  python apps/generate.py ckpt={out / 'stage1' / 'mars'} prompt=\"a red circle above a blue square\"")
 
 

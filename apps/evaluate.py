@@ -1,10 +1,18 @@
-"""Score generated images: ``python apps/evaluate.py task=shapes prompts=FILE.jsonl images=DIR``.
+"""Score generations: ``python apps/evaluate.py task=shapes prompts=FILE.jsonl images=DIR``,
+or captions: ``python apps/evaluate.py task=captions prompts=FILE.jsonl captions=FILE.jsonl``.
 
 task=shapes scores image i of DIR (``00000.png``, ``00001.png``, ...) against row i of the
 prompt file with the shapes world's detector (mars_data.shapes); a missing or unreadable
 image counts as wrong. It prints the summary and writes ``eval_summary.json`` (per language
 en, zh and all: single_binding, pair_binding, spatial, color, shape, count, missing) and
 ``eval_results.jsonl`` (one row per prompt, with what was found) to ``out`` (default: DIR).
+
+task=captions scores the ``{"image", "caption"}`` rows that ``apps/generate.py task=caption``
+wrote for ``NNNNN.png`` images of the prompt file's scenes (``python -m mars_data.shapes
+render``): a caption is right when it names the scene's colours, shapes and relation
+(``mars_app.t2i.caption_correct``: any grammar form in either language, or a restatement). It
+prints and writes ``caption_summary.json`` (per language and all: accuracy, count) next to the
+captions file (or to ``out``).
 """
 
 from __future__ import annotations
@@ -50,10 +58,46 @@ def format_summary(summary: dict) -> str:
     return "\n".join(rows)
 
 
+def evaluate_captions(cfg: DictConfig) -> dict:
+    """Score a captions file against the scenes of the prompt file; returns the summary."""
+    from mars_app.t2i import caption_correct
+
+    if not cfg.get("captions"):
+        raise ValueError("task=captions needs captions=FILE.jsonl (apps/generate.py task=caption writes it)")
+    records = read_prompts(cfg.prompts)
+    path = Path(cfg.captions)
+    if not path.is_file():
+        raise FileNotFoundError(f"captions file {path} does not exist")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    hits: dict[str, list[bool]] = {"en": [], "zh": [], "all": []}
+    for row in rows:
+        index = int(Path(row["image"]).stem)
+        if index >= len(records):
+            raise ValueError(f"{path}: image {row['image']} has no row in {cfg.prompts} ({len(records)} rows)")
+        record = records[index]
+        right = caption_correct(row["caption"], record)
+        for lang in {record.get("lang"), "all"} & hits.keys():
+            hits[lang].append(right)
+    summary = {lang: {"accuracy": sum(h) / len(h) if h else None, "count": len(h)} for lang, h in hits.items()}
+    out = Path(cfg.out) if cfg.get("out") else path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "caption_summary.json", json.dumps(summary, indent=2) + "\n")
+    print(f"caption evaluation of {len(rows)} captions in {path} against the scenes of {cfg.prompts}")
+    for lang, values in summary.items():
+        accuracy = "-" if values["accuracy"] is None else f"{values['accuracy']:.3f}"
+        print(f"{lang:<5}{accuracy:>10}{values['count']:>8}")
+    print(f"written: {out / 'caption_summary.json'}")
+    return summary
+
+
 def evaluate(cfg: DictConfig) -> dict:
-    """Score the images and write the summary and per-row results; returns the summary."""
+    """Score the images (task=shapes) or captions (task=captions); returns the summary."""
+    if cfg.task == "captions":
+        return evaluate_captions(cfg)
     if cfg.task != "shapes":
-        raise ValueError(f"unknown evaluation task {cfg.task!r}; known: shapes")
+        raise ValueError(f"unknown evaluation task {cfg.task!r}; known: shapes, captions")
+    if not cfg.get("images"):
+        raise ValueError("task=shapes needs images=DIR")
     records = read_prompts(cfg.prompts)
     images = Path(cfg.images)
     results = []

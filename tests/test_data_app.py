@@ -59,6 +59,27 @@ def test_evaluate_writes_to_out_and_refuses_unknown_tasks(make_cfg, generated, t
         evaluate(cfg)
 
 
+def test_evaluate_captions_per_language(make_cfg, generated, tmp_path):
+    prompts_file, _, prompts = generated
+    from mars_app.lm_corpus import restatement
+
+    captions = [p["prompt"] for p in prompts]  # the prompt itself: right
+    captions[1] = restatement(prompts[1]["scene"])  # a restatement: right
+    captions[2] = "a blue circle" if "blue" not in prompts[2]["prompt"] else "a red circle"  # wrong object
+    captions[5] = "nonsense words"  # not a caption
+    rows = [{"image": f"{i:05d}.png", "caption": c} for i, c in enumerate(captions)]
+    captions_file = tmp_path / "captions.jsonl"
+    captions_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    cfg = make_cfg(["task=captions", f"prompts={prompts_file}", f"captions={captions_file}"], config_name="evaluate")
+    summary = evaluate(cfg)
+    # rows 0, 1, 4, 5 are en; 2, 3, 6, 7 zh
+    assert summary["en"] == {"accuracy": 0.75, "count": 4} and summary["zh"] == {"accuracy": 0.75, "count": 4}
+    assert summary["all"]["accuracy"] == 0.75
+    assert json.loads((tmp_path / "caption_summary.json").read_text()) == summary
+    with pytest.raises(FileNotFoundError, match="captions file"):
+        evaluate(make_cfg(["task=captions", f"prompts={prompts_file}", f"captions={tmp_path / 'no.jsonl'}"], config_name="evaluate"))
+
+
 def test_evaluate_command_line(generated, tmp_path):
     prompts_file, images, _ = generated
     done = subprocess.run(

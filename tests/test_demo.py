@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import pytest
 
 from apps.demo import Step, demo_steps, run_steps, train_step
 
@@ -11,8 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_demo_steps_are_the_projects_own_commands(make_cfg, tmp_path):
     cfg = make_cfg([], config_name="demo")
-    steps = demo_steps(cfg, tmp_path)
-    assert [s.name for s in steps][:3] == ["eval_prompts", "tokenizer", "lm"]
+    groups = demo_steps(cfg, tmp_path)
+    assert [s.name for s in groups[2]] == ["tokenizer", "lm"]  # independent: side by side
+    steps = [s for g in groups for s in (g if isinstance(g, tuple) else (g,))]
+    assert [s.name for s in steps][:4] == ["eval_prompts", "eval_scenes", "tokenizer", "lm"]
+    assert [s.name for s in steps][-2:] == ["captions", "evaluate_captions"]
     (tmp_path / "data" / "shapes" / "train-10-abc").mkdir(parents=True)  # what the tokenizer run leaves
     for step in steps:
         args = step.args()
@@ -35,3 +41,18 @@ def test_a_rerun_skips_finished_steps_and_resumes_training_from_its_checkpoint(t
     step.args = lambda: ["-c", f"import sys; open({str(log)!r}, 'a').write(sys.argv[-1] + '\\n')"]
     run_steps([step], tmp_path)
     assert log.read_text().splitlines()[-1] == f"ckpt_path={checkpoint}"
+
+
+def test_steps_side_by_side_share_the_cores_and_log_to_files(tmp_path):
+    script = "import os, sys; print(sys.argv[1], os.environ['OMP_NUM_THREADS'])"
+    write = lambda name: Step(name, lambda: ["-c", script, name])
+    run_steps([(write("a"), write("b"))], tmp_path)
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    assert (tmp_path / "a.log").read_text().split() == ["a", threads]
+    assert (tmp_path / "b.log").read_text().split() == ["b", threads]
+    assert (tmp_path / ".done" / "a").exists() and (tmp_path / ".done" / "b").exists()
+
+    fail = Step("c", lambda: ["-c", "raise SystemExit(3)"])
+    with pytest.raises(SystemExit, match="c \\(exit 3"):
+        run_steps([(write("d"), fail)], tmp_path)
+    assert (tmp_path / ".done" / "d").exists() and not (tmp_path / ".done" / "c").exists()

@@ -21,8 +21,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
 from apps.tokenize_shards import tokenize_shards
 from apps.train import train
-from mars_app.lm_corpus import corpus_text, restatement
+from mars_app.lm_corpus import corpus_text, parse_restatement, restate_caption, restatement
 from mars_app.pipeline import MarsPipeline
+from mars_app.t2i import caption_correct
 from mars_data import shapes
 from mars_semvie.text import qwen_tokenizer
 from mars_tokenizer import VQGANConfig, VQTokenizer
@@ -161,7 +162,23 @@ def test_restatement_corpus_puts_objects_in_reading_order():
     assert restatement({**scene, "relation": "above"}) == "red circle above blue square"
     assert restatement({"objects": scene["objects"][:1]}) == "red circle"
     record = {"prompt": "一个红色的圆形在一个蓝色的正方形的下面", "scene": {**scene, "relation": "below"}}
-    assert corpus_text(record, (96, 64)) == "一个红色的圆形在一个蓝色的正方形的下面 96x64<|endoftext|>blue square above red circle"
+    assert corpus_text(record, (96, 64)) == "96x64 一个红色的圆形在一个蓝色的正方形的下面<|endoftext|>blue square above red circle"
+    assert restate_caption(record["prompt"]) == "blue square above red circle"
+    blue, red = {"color": "blue", "shape": "square"}, {"color": "red", "shape": "circle"}
+    assert parse_restatement("blue square above red circle") == {"objects": [blue, red], "relation": "above"}
+    assert parse_restatement("red circle") == {"objects": [red]}
+    with pytest.raises(ValueError, match="not a restatement"):
+        parse_restatement("red circle below blue square")  # not canonical: the swap is the LM's job
+
+
+def test_caption_correct_accepts_any_form_of_the_scene():
+    scene = {"objects": [{"color": "red", "shape": "circle"}, {"color": "blue", "shape": "square"}], "relation": "right of"}
+    record = {"scene": scene}
+    for caption in ("a red circle right of a blue square", "one blue square left of one red circle",
+                    "一个红色的圆形在一个蓝色的正方形的右边", "blue square left of red circle"):
+        assert caption_correct(caption, record), caption
+    for caption in ("red circle left of blue square", "a red circle", "a red circle right of a green square", "hello"):
+        assert not caption_correct(caption, record), caption
 
 
 def test_deepspeed_zero3_two_cpu_processes_fit_save_and_resume(checkpoints, tmp_path):
@@ -181,9 +198,10 @@ def test_deepspeed_zero3_two_cpu_processes_fit_save_and_resume(checkpoints, tmp_
     MarsPipeline.from_pretrained(tmp_path / "second" / "mars").generate("a red circle", batch_size=1)
 
 
-def test_shapes_lm_pretrains_on_the_restatement_corpus(make_cfg):
+@pytest.mark.parametrize("corpus", ["lm_corpus", "lm_corpus_stage2"])
+def test_shapes_lm_pretrains_on_the_restatement_corpus(make_cfg, corpus):
     cfg = make_cfg([
-        "experiment=shapes_lm", "data=lm_corpus", "logger=csv", "trainer.max_steps=2", "trainer.val_check_interval=2",
+        "experiment=shapes_lm", f"data={corpus}", "logger=csv", "trainer.max_steps=2", "trainer.val_check_interval=2",
         "data.make_missing.0.python.3=600", "data.make_missing.1.python.3=100",  # --num: small corpora
         "model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_hidden_layers=1",
         "model.config.num_attention_heads=2", "model.config.num_key_value_heads=2",
@@ -191,7 +209,8 @@ def test_shapes_lm_pretrains_on_the_restatement_corpus(make_cfg):
     assert train(cfg)["global_step"] == 2
     texts = [json.loads(line)["prompt"] for line in Path(cfg.data.train_files[0]).read_text().splitlines()]
     assert all(text.count("<|endoftext|>") == 1 for text in texts)
-    assert any(" 96x64<|endoftext|>" in text for text in texts)  # stage II sizes after some captions
+    with_size = [text for text in texts if text[0].isdigit()]  # stage II: "96x64 <caption>"
+    assert (len(with_size) > len(texts) // 4) if corpus == "lm_corpus_stage2" else not with_size
     tokenizer = AutoTokenizer.from_pretrained(Path(cfg.paths.output_dir) / "llm")
     eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     assert tokenizer(texts[0], add_special_tokens=False)["input_ids"].count(eot) == 1

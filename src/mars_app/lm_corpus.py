@@ -19,7 +19,7 @@ predict the first object in reading order: exactly the binding the image needs. 
 text-to-image time the prompt is still the plain caption framed by ``<|endoftext|>``
 (mars_semvie.sequences), so nothing is added to what the user types.
 
-``--resolutions 64x64,96x64`` writes a resolution after a share of the captions (stage II
+``--resolutions 64x64,96x64`` writes a resolution before a share of the captions (stage II
 prompts, ``mars_semvie.sequences.prompt_text``) so that the LM has seen them.
 """
 
@@ -32,7 +32,7 @@ import random
 import sys
 from pathlib import Path
 
-from mars_data.shapes import sample_record
+from mars_data.shapes import COLORS, SHAPES, parse_caption, sample_record
 from mars_semvie.sequences import prompt_text
 from mars_semvie.text import ENDOFTEXT
 
@@ -48,6 +48,24 @@ def restatement(scene: dict) -> str:
     a_first, word = CANONICAL[scene["relation"]]
     first, second = objects if a_first else objects[::-1]
     return f"{first} {word} {second}"
+
+
+def restate_caption(caption: str) -> str:
+    """The restatement of a caption of the world's grammar (either language)."""
+    return restatement(parse_caption(caption)["scene"])
+
+
+def parse_restatement(text: str) -> dict:
+    """The scene of a restatement ("blue square left of yellow circle"); ValueError if it is none."""
+    words = text.split()
+    colors, shapes = set(COLORS), set(SHAPES)
+    if len(words) == 2 and words[0] in colors and words[1] in shapes:
+        return {"objects": [{"color": words[0], "shape": words[1]}]}
+    relation = " ".join(words[2:-2])
+    if len(words) in (5, 6) and relation in ("left of", "above") and words[0] in colors and words[-2] in colors \
+            and words[1] in shapes and words[-1] in shapes:
+        return {"objects": [{"color": words[0], "shape": words[1]}, {"color": words[-2], "shape": words[-1]}], "relation": relation}
+    raise ValueError(f"{text!r} is not a restatement")
 
 
 def corpus_text(record: dict, resolution: tuple[int, int] | None = None) -> str:

@@ -11,6 +11,11 @@ Design choices:
   sequence, drawn with the probabilities of ``task_mix``; a text-to-image prompt is dropped to
   the unconditional prompt with probability ``uncond_prob`` (classifier-free guidance). The
   draws come from a generator seeded by (seed, step, rank): a resumed run repeats them.
+- **Caption targets** (``caption_target``): the sample's caption, or (``restatement``, the
+  shapes world) its layout restatement in reading order, the text the shapes LLM was
+  pretrained to write after a caption (``mars_app.lm_corpus``). The frozen text expert then
+  continues an image with an output it already knows how to produce: with the raw captions
+  (any of the grammar's forms) it gave every image the same caption (docs/LOG.md).
 - **Loss only on the targets** of each layout (image tokens; caption tokens and their eot),
   one cross-entropy over every target of the batch.
 - **Stage II** (``resolution_in_prompt``): the image's size (its code grid times the
@@ -53,6 +58,7 @@ import torch
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_info
 
+from mars_app.lm_corpus import parse_restatement, restate_caption
 from mars_app.pipeline import MarsPipeline, parse_resolution
 from mars_semvie import SemVIEForCausalLM
 from mars_semvie import sequences as seq
@@ -69,6 +75,7 @@ class TextToImageModule(L.LightningModule):
         visual_expert: bool = True,  # False: the paper's "w/o visual expert" ablation
         num_visual_codes: int | None = None,  # None: the VQ tokenizer's codebook size
         task_mix: dict | None = None,  # {"t2i": p, "caption": q}, normalised
+        caption_target: str = "caption",  # or "restatement" (the shapes world): what captioning learns to write
         uncond_prob: float = 0.1,
         resolution_in_prompt: bool = False,  # stage II: resolution in the prompt, row ends
         resolutions: list[str] = ("64x64",),  # "WxH" the model draws (exported); the first is evaluated
@@ -104,6 +111,9 @@ class TextToImageModule(L.LightningModule):
         if unknown or not sum(mix.values()) > 0:
             raise ValueError(f"task_mix needs positive shares of 't2i' / 'caption', got {mix}")
         self.caption_prob = mix.get("caption", 0.0) / sum(mix.values())
+        if caption_target not in ("caption", "restatement"):
+            raise ValueError(f"caption_target must be 'caption' or 'restatement', got {caption_target!r}")
+        self.caption_target = caption_target
         self.uncond_prob = uncond_prob
         self.resolution_in_prompt = resolution_in_prompt
         self.resolutions = list(resolutions)
@@ -144,7 +154,8 @@ class TextToImageModule(L.LightningModule):
     def _caption(self, caption: str) -> list[int]:
         key = ("caption", caption)
         if key not in self._prompt_cache:
-            self._prompt_cache[key] = seq.encode_caption(self.text_tokenizer, caption)
+            text = restate_caption(caption) if self.caption_target == "restatement" else caption
+            self._prompt_cache[key] = seq.encode_caption(self.text_tokenizer, text)
         return self._prompt_cache[key]
 
     def resolution_of(self, codes: torch.Tensor) -> tuple[int, int] | None:
@@ -344,14 +355,17 @@ INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "belo
 
 
 def caption_correct(caption: str, record: dict) -> bool:
-    """A caption (either language) names the record's objects and relation: "A left of B" and
-    "B right of A" both describe the same scene."""
+    """A caption (either language, or a restatement) names the record's objects and relation:
+    "A left of B" and "B right of A" both describe the same scene."""
     from mars_data import shapes
 
     try:
         parsed = shapes.parse_caption(caption)["scene"]
     except ValueError:
-        return False
+        try:
+            parsed = parse_restatement(caption)
+        except ValueError:
+            return False
     wanted = record["scene"]
     objects = [(o["color"], o["shape"]) for o in parsed["objects"]]
     target = [(o["color"], o["shape"]) for o in wanted["objects"]]

@@ -95,6 +95,19 @@ def test_prompts_cli_is_balanced_and_parses(tmp_path):
         assert parse_caption(record["prompt"])["lang"] == record["lang"]
 
 
+def test_render_cli_draws_the_scenes_of_a_prompt_file_in_row_order(tmp_path):
+    from mars_data.shapes import score_image
+
+    prompts = tmp_path / "prompts.jsonl"
+    main(["prompts", "--num", "8", "--seed", "3", "--out", str(prompts)])
+    main(["render", "--prompts", str(prompts), "--out", str(tmp_path / "scenes")])
+    records = [json.loads(line) for line in prompts.read_text(encoding="utf-8").splitlines()]
+    assert sorted(p.name for p in (tmp_path / "scenes").iterdir()) == [f"{i:05d}.png" for i in range(8)]
+    for i, record in enumerate(records):
+        image = Image.open(tmp_path / "scenes" / f"{i:05d}.png")
+        assert image.size == (64, 64) and score_image(image, record)["binding"]
+
+
 def test_evaluation_prompts_and_training_data_use_disjoint_streams():
     train = [r["prompt"] for r in shard_records(0, 0, 50)]
     val = [r["prompt"] for r in shard_records(0, 0, 50, stream="val")]

@@ -136,6 +136,26 @@ def test_gradients_reach_only_trainable_weights(build_tiny_semvie):
     assert {"visual_embed.weight", "vision_head.weight"} <= trainable
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_frozen_prompt_rows_skipped_by_backward_leave_gradients_unchanged(build_tiny_semvie, perturb_visual_weights, family):
+    """Gather routing runs text rows with no image before them under no_grad; the mask
+    reference runs everything with autograd: same loss, same gradients."""
+    t2i = t2i_ids(batch=3, seed=1)
+    vocab = MultimodalVocab(T, NUM_CODES)
+    caption = torch.cat([t2i[:1, 8:], t2i[:1, :8]], dim=1)  # image first, then text: text rows need grads
+    ids = torch.cat([t2i, caption])
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = vocab.pad, 0  # left padding
+    grads = []
+    for routing in ("gather", "mask"):
+        model, _ = build_tiny_semvie(family, routing=routing)
+        perturb_visual_weights(model)
+        model.train()
+        model(ids, attention_mask=mask, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
 def test_loss_matches_cross_entropy_of_shifted_logits(build_tiny_semvie):
     model, _ = build_tiny_semvie()
     ids = mixed_ids()

@@ -31,15 +31,15 @@ VOCAB = MultimodalVocab(T, NUM_CODES)
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return qwen_tokenizer(trim_to=["a red circle left of a blue square 96x64", "一个红色的圆形在一个蓝色的正方形的左边"])
+    return qwen_tokenizer(trim_to=["96x64 a red circle left of a blue square", "一个红色的圆形在一个蓝色的正方形的左边"])
 
 
 def test_prompt_framing_and_resolution(tokenizer):
     eot = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
     ids = encode_prompt(tokenizer, "a red circle")
     assert ids[0] == ids[-1] == eot and tokenizer.decode(ids[1:-1]) == "a red circle"
-    assert prompt_text("a red circle", (96, 64)) == "a red circle 96x64"
-    assert tokenizer.decode(encode_prompt(tokenizer, "a red circle", (96, 64))[1:-1]) == "a red circle 96x64"
+    assert prompt_text("a red circle", (96, 64)) == "96x64 a red circle"
+    assert tokenizer.decode(encode_prompt(tokenizer, "a red circle", (96, 64))[1:-1]) == "96x64 a red circle"
     assert unconditional_prompt(tokenizer) == [eot, eot]
     assert tokenizer.decode(unconditional_prompt(tokenizer, (96, 64))[1:-1]) == "96x64"
     caption = encode_caption(tokenizer, "一个红色的圆形 ")

@@ -24,6 +24,9 @@ Design choices:
   token and selects; it is the reference the tests and the benchmark compare against.
   A batch of one modality (text-only input, one-token decoding steps) skips routing entirely,
   so text-only input runs exactly the LLM's computation.
+- Text rows with no image before them (a text-to-image prompt) depend on frozen weights only:
+  while training they run under ``no_grad``, first in expert order, so the backward pass
+  skips them (about a fifth of a stage I step); gradients are unchanged.
 - The output projection is routed too: visual tokens get a trainable copy of ``o_proj``, as
   in CogVLM's visual expert that SemVIE follows. Text rows still use the frozen ``o_proj``,
   so text-only behaviour is exact either way; the copy gives the visual expert the whole
@@ -123,12 +126,13 @@ class VisualExpert(nn.Module):
 class Router:
     """Sends the rows of a flattened batch to the text or the visual expert.
 
-    ``visual`` (N,) marks visual rows. In "gather" mode with both modalities present, rows are
-    kept in expert order (text rows first, then visual, each in sequence order) between
-    ``to_expert_order`` and ``to_sequence_order``; otherwise both are the identity.
+    ``visual`` (N,) marks visual rows; ``frozen`` (N,), optional, marks text rows that need no
+    gradient (gather mode only). In "gather" mode with both modalities present, rows are kept
+    in expert order (frozen text rows, other text rows, then visual, each in sequence order)
+    between ``to_expert_order`` and ``to_sequence_order``; otherwise both are the identity.
     """
 
-    def __init__(self, visual: torch.Tensor, mode: str):
+    def __init__(self, visual: torch.Tensor, mode: str, frozen: torch.Tensor | None = None):
         if mode not in ("gather", "mask"):
             raise ValueError(f"routing must be 'gather' or 'mask', got {mode!r}")
         self.mode = mode
@@ -137,8 +141,10 @@ class Router:
         self.num_text = visual.numel() - num_visual
         self.only = "text" if num_visual == 0 else "visual" if self.num_text == 0 else None
         self.permute = mode == "gather" and self.only is None
+        self.num_frozen = int(frozen.sum()) if frozen is not None and self.permute else 0
         if self.permute:
-            self.order = torch.argsort(visual.to(torch.int8), stable=True)
+            key = visual.to(torch.int8) * 2 + (~visual & ~frozen if self.num_frozen else ~visual).to(torch.int8)
+            self.order = torch.argsort(key, stable=True)
             self.inverse = torch.empty_like(self.order)
             self.inverse[self.order] = torch.arange(visual.numel(), device=visual.device)
 
@@ -155,7 +161,11 @@ class Router:
         if self.only == "visual":
             return visual_fn(x)
         if self.mode == "gather":
-            return torch.cat([text_fn(x[: self.num_text]), visual_fn(x[self.num_text :])])
+            parts = [text_fn(x[self.num_frozen : self.num_text]), visual_fn(x[self.num_text :])]
+            if self.num_frozen:
+                with torch.no_grad():
+                    parts.insert(0, text_fn(x[: self.num_frozen]))
+            return torch.cat(parts)
         out_text, out_visual = text_fn(x), visual_fn(x)
         mask = self.visual.view(-1, *([1] * (out_text.dim() - 1)))
         return torch.where(mask, out_visual, out_text)
@@ -272,7 +282,8 @@ class SemVIEForCausalLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + L, device=input_ids.device).expand(B, L)
         mask, is_causal = self._attention_mask(attention_mask, L, past, input_ids.device)
-        router = Router(self.vocab.is_visual(input_ids).flatten(), self.config.routing)
+        visual = self.vocab.is_visual(input_ids)
+        router = Router(visual.flatten(), self.config.routing, self._frozen_text(visual, attention_mask, past))
 
         T = self.vocab.text_size
         ids = router.to_expert_order(input_ids.flatten())
@@ -328,6 +339,15 @@ class SemVIEForCausalLM(nn.Module):
         h = h + router.apply(attn.o_proj, visual.o_proj, y)
         h = h + router.apply(text.mlp, visual.mlp, text.post_attention_layernorm(h))
         return h
+
+    def _frozen_text(self, visual: torch.Tensor, attention_mask: torch.Tensor | None, past: int) -> torch.Tensor | None:
+        """(B*L,) text rows whose states depend on frozen weights only (no image token before
+        them); None when nothing needs gradients or the text weights are trained."""
+        if not torch.is_grad_enabled() or past or self.experts is None or any(p.requires_grad for p in self.llm.parameters()):
+            return None
+        real_visual = visual if attention_mask is None else visual & attention_mask[:, -visual.shape[1] :].bool()
+        images_before = real_visual.cumsum(1) - real_visual.long()
+        return (~visual & (images_before == 0)).flatten()
 
     @staticmethod
     def _attention_mask(attention_mask, L, past, device) -> tuple[torch.Tensor | None, bool]:

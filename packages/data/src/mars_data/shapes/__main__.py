@@ -4,15 +4,20 @@
         [--aspect-ratios 1:1,3:2,2:3,2:1,1:2] [--lang en,zh] [--samples-per-shard K]
         [--processes P] [--stream train|val] [--jitter J]
     python -m mars_data.shapes prompts --num N --seed S --out FILE.jsonl
+    python -m mars_data.shapes render --prompts FILE.jsonl --out DIR [--size 64]
+        (the scenes of a prompt file as DIR/00000.png, 00001.png, ... in row order: held-out
+        images, e.g. to caption)
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from mars_data.shapes.captions import LANGS
-from mars_data.shapes.shards import write_prompts, write_shards
+from mars_data.shapes.shards import read_prompts, write_prompts, write_shards
+from mars_data.shapes.world import render
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -40,6 +45,11 @@ def main(argv: list[str] | None = None) -> None:
     prompts.add_argument("--seed", type=int, required=True)
     prompts.add_argument("--out", required=True)
 
+    scenes = commands.add_parser("render", help="draw the scenes of a prompt file as numbered PNGs")
+    scenes.add_argument("--prompts", required=True)
+    scenes.add_argument("--out", required=True, help="output directory")
+    scenes.add_argument("--size", type=int, default=64)
+
     args = parser.parse_args(argv)
     if args.command == "shards":
         paths = write_shards(
@@ -55,9 +65,16 @@ def main(argv: list[str] | None = None) -> None:
             jitter=args.jitter,
         )
         print(f"wrote {args.num_samples} samples in {len(paths)} shards to {args.out}", file=sys.stderr)
-    else:
+    elif args.command == "prompts":
         write_prompts(args.out, args.num, args.seed)
         print(f"wrote {args.num} prompts to {args.out}", file=sys.stderr)
+    else:
+        records = read_prompts(args.prompts)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for index, record in enumerate(records):
+            render(record["scene"], args.size).save(out / f"{index:05d}.png")
+        print(f"drew {len(records)} scenes of {args.prompts} to {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
