@@ -107,12 +107,16 @@ def run_steps(steps: list[Step | tuple[Step, ...]], out: Path) -> None:
                 output = dict(stdout=sink, stderr=subprocess.STDOUT) if log else {}
                 running.append((step, subprocess.Popen(command, env=env, **output), log))
         failed = []
-        for step, process, log in running:
-            if process.wait() != 0:
-                failed.append(f"{step.name} (exit {process.returncode}{f', see {log}' if log else ''})")
-                continue
-            (done_dir / step.name).touch()
-            print(f"[{i}/{len(steps)}] {step.name}: finished in {time.monotonic() - start:.0f} s", flush=True)
+        while running:  # report each step when it ends
+            for entry in [e for e in running if e[1].poll() is not None]:
+                running.remove(entry)
+                step, process, log = entry
+                if process.returncode != 0:
+                    failed.append(f"{step.name} (exit {process.returncode}{f', see {log}' if log else ''})")
+                    continue
+                (done_dir / step.name).touch()
+                print(f"[{i}/{len(steps)}] {step.name}: finished in {time.monotonic() - start:.0f} s", flush=True)
+            time.sleep(0.2 if running else 0)
         if failed:
             raise SystemExit(f"demo step failed: {', '.join(failed)}; rerun to resume")
 
