@@ -103,9 +103,10 @@ def run_steps(steps: list[Step | tuple[Step, ...]], out: Path) -> None:
                 command.append(f"ckpt_path={step.resume_from}")
             log = out / f"{step.name}.log" if side_by_side else None
             print(f"[{i}/{len(steps)}] {step.name}: {shlex.join(command)}" + (f"  (output: {log})" if log else ""), flush=True)
-            with open(log, "a") if log else open(os.devnull) as sink:  # the child keeps its own handle
-                output = dict(stdout=sink, stderr=subprocess.STDOUT) if log else {}
-                running.append((step, subprocess.Popen(command, env=env, **output), log))
+            sink = open(log, "a") if log else None
+            running.append((step, subprocess.Popen(command, env=env, stdout=sink, stderr=sink and subprocess.STDOUT), log))
+            if sink:
+                sink.close()  # the child keeps its own handle
         failed = []
         while running:  # report each step when it ends
             for entry in [e for e in running if e[1].poll() is not None]:

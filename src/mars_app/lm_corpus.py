@@ -58,14 +58,18 @@ def restate_caption(caption: str) -> str:
 def parse_restatement(text: str) -> dict:
     """The scene of a restatement ("blue square left of yellow circle"); ValueError if it is none."""
     words = text.split()
-    colors, shapes = set(COLORS), set(SHAPES)
-    if len(words) == 2 and words[0] in colors and words[1] in shapes:
-        return {"objects": [{"color": words[0], "shape": words[1]}]}
+
+    def thing(color: str, shape: str) -> dict:
+        if color not in COLORS or shape not in SHAPES:
+            raise ValueError(f"{text!r} is not a restatement")
+        return {"color": color, "shape": shape}
+
+    if len(words) == 2:
+        return {"objects": [thing(*words)]}
     relation = " ".join(words[2:-2])
-    if len(words) in (5, 6) and relation in ("left of", "above") and words[0] in colors and words[-2] in colors \
-            and words[1] in shapes and words[-1] in shapes:
-        return {"objects": [{"color": words[0], "shape": words[1]}, {"color": words[-2], "shape": words[-1]}], "relation": relation}
-    raise ValueError(f"{text!r} is not a restatement")
+    if len(words) < 5 or relation not in {word for _, word in CANONICAL.values()}:
+        raise ValueError(f"{text!r} is not a restatement")
+    return {"objects": [thing(*words[:2]), thing(*words[-2:])], "relation": relation}
 
 
 def corpus_text(record: dict, resolution: tuple[int, int] | None = None) -> str:
