@@ -23,7 +23,7 @@ Design choices:
   batches are uniform in size (the datamodules bucket them), sequences of different sizes in
   different batches.
 - **Optimizer**: AdamW over the trainable weights only; no weight decay on norms, biases and
-  embeddings; the new parts (visual embeddings, vision head) may get a larger learning rate
+  embeddings; the new parts (visual and image-position embeddings, vision head) may get a larger learning rate
   (``new_params_lr_scale``): they start from nothing while the experts start as copies of the
   text weights. Linear warm-up over ``warmup_ratio`` of the steps, then cosine decay to
   ``min_lr_ratio`` of the peak. With ``trainer.max_time`` the schedule follows whichever of
@@ -63,7 +63,7 @@ from mars_app.pipeline import MarsPipeline, parse_resolution
 from mars_semvie import SemVIEForCausalLM
 from mars_semvie import sequences as seq
 
-NEW_PARTS = ("visual_embed", "vision_head")  # SemVIE parameters that start from nothing
+NEW_PARTS = ("visual_embed", "image_position", "vision_head")  # SemVIE parameters that start from nothing
 
 
 class TextToImageModule(L.LightningModule):
@@ -73,6 +73,7 @@ class TextToImageModule(L.LightningModule):
         tokenizer_path: str,  # VQ tokenizer directory (VQTokenizer.save_pretrained)
         optimizer: Callable[..., torch.optim.Optimizer],  # partial: param groups -> optimizer
         visual_expert: bool = True,  # False: the paper's "w/o visual expert" ablation
+        image_positions: int = 0,  # learned offsets of image tokens from <image_start> (SemVIEConfig); 0: none
         num_visual_codes: int | None = None,  # None: the VQ tokenizer's codebook size
         task_mix: dict | None = None,  # {"t2i": p, "caption": q}, normalised
         caption_target: str = "caption",  # or "restatement" (the shapes world): what captioning learns to write
@@ -101,7 +102,7 @@ class TextToImageModule(L.LightningModule):
         codes = num_visual_codes or self.vq.codebook_size
         if codes < self.vq.codebook_size:
             raise ValueError(f"num_visual_codes={codes} < the VQ tokenizer's codebook ({self.vq.codebook_size})")
-        self.model = SemVIEForCausalLM.from_llm(llm, codes, visual_expert=visual_expert)
+        self.model = SemVIEForCausalLM.from_llm(llm, codes, visual_expert=visual_expert, image_positions=image_positions)
         if init_from:
             self.load_semvie_weights(init_from)
         self.model.gradient_checkpointing_enable(gradient_checkpointing)

@@ -99,9 +99,10 @@ def test_visual_weights_change_no_text_output(build_tiny_semvie, perturb_visual_
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_gather_routing_equals_computing_both_experts_and_masking(build_tiny_semvie, perturb_visual_weights, family):
-    routed, _ = build_tiny_semvie(family, routing="gather")
-    masked, _ = build_tiny_semvie(family, routing="mask")
+@pytest.mark.parametrize("image_positions", [0, 24])
+def test_gather_routing_equals_computing_both_experts_and_masking(build_tiny_semvie, perturb_visual_weights, family, image_positions):
+    routed, _ = build_tiny_semvie(family, routing="gather", image_positions=image_positions)
+    masked, _ = build_tiny_semvie(family, routing="mask", image_positions=image_positions)
     perturb_visual_weights(routed)
     masked.load_state_dict(routed.state_dict())
     ids = mixed_ids()
@@ -109,8 +110,9 @@ def test_gather_routing_equals_computing_both_experts_and_masking(build_tiny_sem
     assert_close(routed(ids).logits, masked(ids).logits)
 
 
-def test_mixed_sequence_with_kv_cache_equals_full_forward(build_tiny_semvie, perturb_visual_weights):
-    model, _ = build_tiny_semvie()
+@pytest.mark.parametrize("image_positions", [0, 24])
+def test_mixed_sequence_with_kv_cache_equals_full_forward(build_tiny_semvie, perturb_visual_weights, image_positions):
+    model, _ = build_tiny_semvie(image_positions=image_positions)
     perturb_visual_weights(model)
     ids = mixed_ids(length=16)
     cache = model.new_cache(2, 16)
@@ -119,7 +121,7 @@ def test_mixed_sequence_with_kv_cache_equals_full_forward(build_tiny_semvie, per
 
 
 def test_gradients_reach_only_trainable_weights(build_tiny_semvie):
-    model, _ = build_tiny_semvie()
+    model, _ = build_tiny_semvie(image_positions=12)
     model.train()
     ids = t2i_ids()
     labels = ids.clone()
@@ -133,7 +135,29 @@ def test_gradients_reach_only_trainable_weights(build_tiny_semvie):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(n.startswith("experts.0.q_proj") for n in trainable)
     assert any(n.startswith("experts.1.mlp") for n in trainable)
-    assert {"visual_embed.weight", "vision_head.weight"} <= trainable
+    assert {"visual_embed.weight", "image_position.weight", "vision_head.weight"} <= trainable
+
+
+def test_image_positions_tell_codes_where_they_are_and_leave_text_alone(build_tiny_semvie, perturb_visual_weights):
+    model, llm = build_tiny_semvie(image_positions=12)
+    perturb_visual_weights(model)
+    ids = t2i_ids(1, text=4, image=6)
+    vocab = model.vocab
+    code = vocab.codes_to_ids(torch.tensor([3]))
+    ids[0, 6:] = code  # the same code at offsets 2..6 from <image_start>
+    logits = model(ids).logits[0]
+    assert not torch.allclose(logits[6], logits[7])  # same token, different offset
+    assert_close(logits[:4, :T], llm(ids[:, :4]).logits[0])  # the prompt is the LLM's
+    with torch.no_grad():
+        model.image_position.weight.zero_()
+    without = model(ids).logits[0]
+    assert not torch.allclose(without[6:], logits[6:])
+    assert torch.equal(without[:4], logits[:4])  # the prompt did not move
+    with pytest.raises(ValueError, match="image_positions=12"):
+        model(t2i_ids(1, text=2, image=12))
+    # text after an image (captioning) may run past the table: it gets no embedding
+    caption = torch.cat([t2i_ids(1, text=0, image=4), text_ids(1, length=12)], dim=1)
+    assert model(caption).logits.shape == (1, 17, vocab.size)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

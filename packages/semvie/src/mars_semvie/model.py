@@ -74,6 +74,7 @@ class SemVIEConfig:
     num_visual_codes: int = 8192  # image tokenizer codebook size
     visual_expert: bool = True  # False: the paper's "w/o visual expert" ablation
     routing: str = "gather"  # "gather" (each token once) or "mask" (both experts, reference)
+    image_positions: int = 0  # learned embeddings of a visual token's offset from its <image_start>; 0: none
 
     @property
     def vocab(self) -> MultimodalVocab:
@@ -100,6 +101,7 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_length = max_length
         self.length = 0
+        self.image_offset = torch.full((batch_size,), -1, dtype=torch.long, device=device)  # of the last token
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
@@ -209,6 +211,10 @@ class SemVIEForCausalLM(nn.Module):
         with torch.no_grad():
             self.visual_embed.weight.copy_(text_embed.mean(0, keepdim=True).expand_as(self.visual_embed.weight))
             self.vision_head.weight.normal_(0.0, getattr(c, "initializer_range", 0.02))
+        # zeros: a new model computes exactly what it would without them
+        self.image_position = nn.Embedding(config.image_positions, c.hidden_size, **factory) if config.image_positions else None
+        if self.image_position is not None:
+            nn.init.zeros_(self.image_position.weight)
         llm.requires_grad_(not config.visual_expert)
         self.experts = (
             nn.ModuleList(VisualExpert(layer) for layer in llm.model.layers).requires_grad_(True)
@@ -219,10 +225,15 @@ class SemVIEForCausalLM(nn.Module):
 
     @classmethod
     def from_llm(
-        cls, llm: nn.Module, num_visual_codes: int = 8192, visual_expert: bool = True, routing: str = "gather"
+        cls,
+        llm: nn.Module,
+        num_visual_codes: int = 8192,
+        visual_expert: bool = True,
+        routing: str = "gather",
+        image_positions: int = 0,
     ) -> SemVIEForCausalLM:
         """Wrap a loaded Qwen2 / Llama causal LM (e.g. ``AutoModelForCausalLM.from_pretrained(path)``)."""
-        config = SemVIEConfig(llm.config.vocab_size, num_visual_codes, visual_expert, routing)
+        config = SemVIEConfig(llm.config.vocab_size, num_visual_codes, visual_expert, routing, image_positions)
         return cls(llm, config)
 
     def parameter_groups(self) -> dict[str, tuple[int, int]]:
@@ -234,7 +245,7 @@ class SemVIEForCausalLM(nn.Module):
             ("text attention output", lambda n: n.startswith("llm.") and "o_proj" in n),
             ("text FFN", lambda n: n.startswith("llm.") and ".mlp." in n),
             ("text head", lambda n: n.startswith("llm.lm_head")),
-            ("visual embeddings", lambda n: n.startswith("visual_embed")),
+            ("visual embeddings", lambda n: n.startswith(("visual_embed", "image_position"))),
             ("visual attention Q/K/V", lambda n: n.startswith("experts.") and any(p in n for p in ("q_proj", "k_proj", "v_proj"))),
             ("visual attention output", lambda n: n.startswith("experts.") and "o_proj" in n),
             ("visual FFN", lambda n: n.startswith("experts.") and ".mlp." in n),
@@ -292,6 +303,8 @@ class SemVIEForCausalLM(nn.Module):
             lambda i: self.visual_embed((i - T).clamp(min=0)),
             ids,
         )
+        if self.image_position is not None:
+            h = h + router.to_expert_order(self._image_position_embeddings(input_ids, visual, cache).flatten(0, 1))
         cos, sin = self.llm.model.rotary_emb(h, position_ids)
         for i in range(len(self.llm.model.layers)):
             args = (i, h, router, cos, sin, mask, is_causal, cache, B, L)
@@ -339,6 +352,25 @@ class SemVIEForCausalLM(nn.Module):
         h = h + router.apply(attn.o_proj, visual.o_proj, y)
         h = h + router.apply(text.mlp, visual.mlp, text.post_attention_layernorm(h))
         return h
+
+    def _image_position_embeddings(self, input_ids: torch.Tensor, visual: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """(B, L, hidden): each visual token's learned embedding of its offset from the last
+        ``<image_start>`` (0 for the start itself), zero elsewhere. Why: rotary positions are
+        relative and prompts differ in length, so without it a code would have to find out
+        where in the grid it is through attention, which small models learn slowly (docs/LOG.md).
+        The cache carries the offset of its last token into the next decoding step."""
+        B, L = input_ids.shape
+        index = torch.arange(L, device=input_ids.device).expand(B, L)
+        last_start = torch.where(input_ids == self.vocab.image_start, index, -1).cummax(dim=1).values
+        before = cache.image_offset[:, None] if cache is not None else torch.full((B, 1), -1, device=input_ids.device)
+        offset = torch.where(last_start >= 0, index - last_start, torch.where(before >= 0, before + 1 + index, -1))
+        if cache is not None:
+            cache.image_offset = offset[:, -1].clone()
+        placed = visual & (offset >= 0)
+        if bool((offset[placed] >= self.config.image_positions).any()):
+            raise ValueError(f"an image longer than image_positions={self.config.image_positions} tokens")
+        # text after an image (a caption) has offsets too, possibly past the table: look up 0 there
+        return self.image_position(torch.where(placed, offset, 0)) * placed.unsqueeze(-1).to(self.image_position.weight.dtype)
 
     def _frozen_text(self, visual: torch.Tensor, attention_mask: torch.Tensor | None, past: int) -> torch.Tensor | None:
         """(B*L,) text rows whose states depend on frozen weights only (no image token before
