@@ -36,6 +36,9 @@ Design choices:
   every position: a text token may be followed by an image and a code by text (captioning).
 - Visual embeddings start as the mean of the LLM's input embedding rows; the vision head is
   initialised like the LLM's linear layers (normal, ``initializer_range``).
+- ``image_positions=N`` (0 by default, the paper's model) adds a learned embedding of each
+  visual token's offset from its ``<image_start>``: rotary positions are relative and prompts
+  differ in length, so without it a code finds its place in the grid only through attention.
 - ``visual_expert=False`` is the paper's ablation: no copies, every token through the LLM's
   layers, all weights trainable (the new embedding rows and vision head exist in both).
 - With ``visual_expert=True`` every LLM weight has ``requires_grad=False``, so text-only
