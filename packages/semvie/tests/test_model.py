@@ -189,6 +189,12 @@ def test_loss_matches_cross_entropy_of_shifted_logits(build_tiny_semvie):
     keep = labels[:, 1:] != -100
     expected = torch.nn.functional.cross_entropy(out.logits[:, :-1][keep], labels[:, 1:][keep])
     assert_close(out.loss, expected)
+    # training skips the logits of positions without a target: same loss, same gradients
+    lean = model(ids, labels=labels, return_logits=False)
+    assert lean.logits is None
+    assert_close(lean.loss, out.loss)
+    head = model.vision_head.weight
+    assert_close(torch.autograd.grad(lean.loss, head)[0], torch.autograd.grad(out.loss, head)[0])
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(build_tiny_semvie):

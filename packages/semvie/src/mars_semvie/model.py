@@ -34,6 +34,8 @@ Design choices:
   14.3B parameters, 6.5B trainable; without it 13.7B / 6.0B).
 - The norms, the rotary embedding and the attention itself are shared. Both heads run on
   every position: a text token may be followed by an image and a code by text (captioning).
+  Training (``return_logits=False``) runs them only on the positions that have a target, the
+  same loss for less than half the head compute of a stage I batch.
 - Visual embeddings start as the mean of the LLM's input embedding rows; the vision head is
   initialised like the LLM's linear layers (normal, ``initializer_range``).
 - ``image_positions=N`` (0 by default, the paper's model) adds a learned embedding of each
@@ -63,6 +65,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mars_semvie import sampling
+from mars_semvie.sequences import IGNORE
 from mars_semvie.vocab import MultimodalVocab
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
@@ -86,7 +89,7 @@ class SemVIEConfig:
 
 @dataclass
 class SemVIEOutput:
-    logits: torch.Tensor  # (batch, length or logits_to_keep, vocab.size)
+    logits: torch.Tensor | None  # (batch, length or logits_to_keep, vocab.size); None if not asked for
     loss: torch.Tensor | None = None
     cache: KVCache | None = None
 
@@ -282,6 +285,7 @@ class SemVIEForCausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
+        return_logits: bool = True,
     ) -> SemVIEOutput:
         """Logits over the multimodal vocabulary (and the shifted next-token loss if labels).
 
@@ -290,6 +294,8 @@ class SemVIEForCausalLM(nn.Module):
         labels: (B, L) targets aligned with input_ids (shifted here), -100 is ignored.
         cache: a ``new_cache(...)`` to read and extend (generation).
         logits_to_keep: if > 0, only the last that many positions get logits.
+        return_logits: False (training) skips the logits of the whole sequence: the loss needs
+            the heads only on the positions that have a target.
         """
         B, L = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -319,15 +325,19 @@ class SemVIEForCausalLM(nn.Module):
             cache.length += L
 
         h = router.to_sequence_order(self.llm.model.norm(h)).view(B, L, -1)
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
-        logits = torch.cat([self.llm.lm_head(h), self.vision_head(h)], dim=-1)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
-            )
+            targets = labels[:, 1:].to(h.device)
+            has_target = targets != IGNORE
+            loss = F.cross_entropy(self._heads(h[:, :-1][has_target]).float(), targets[has_target])
+        logits = None
+        if return_logits:
+            logits = self._heads(h[:, -logits_to_keep:] if logits_to_keep else h)
         return SemVIEOutput(logits=logits, loss=loss, cache=cache)
+
+    def _heads(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits over the multimodal vocabulary: the LLM's head, then the vision head."""
+        return torch.cat([self.llm.lm_head(h), self.vision_head(h)], dim=-1)
 
     def _layer(self, i, h, router: Router, cos, sin, mask, is_causal, cache, B, L) -> torch.Tensor:
         """One decoder layer on the residual stream h (B*L rows, in the router's expert order)."""
