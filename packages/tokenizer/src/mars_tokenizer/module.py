@@ -20,6 +20,8 @@ Design choices
 - **Schedule.** Linear warm-up over ``warmup_steps``, then (with ``min_lr_ratio`` set) cosine
   decay to that fraction of the peak at ``trainer.max_steps`` (torch's own schedulers): the last
   steps at a low learning rate sharpen edges, which the shapes world's scoring needs.
+- **Channels-last** weights and images while training: the same convolutions, about 8% faster
+  on a CPU (oneDNN); the saved tokenizer holds ordinary contiguous tensors.
 - **The product is the tokenizer.** At the end of training the ``VQTokenizer`` is written with
   ``save_pretrained`` to ``save_dir`` (the app sets ``<run dir>/tokenizer``); later stages load
   it with ``VQTokenizer.from_pretrained``.
@@ -113,9 +115,12 @@ class VQGANModule(L.LightningModule):
         gan_grad = torch.autograd.grad(gan_loss, last, retain_graph=True)[0]
         return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
 
+    def on_fit_start(self) -> None:
+        self.to(memory_format=torch.channels_last)  # oneDNN's convolutions run faster on CPU (docs/LOG.md)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         hp = self.hparams
-        x = batch["image"]
+        x = batch["image"].contiguous(memory_format=torch.channels_last)
         out = self.vqgan(x)
         rec = out["reconstruction"]
         rec_loss, logs = self.reconstruction_loss(x, rec)
@@ -173,7 +178,7 @@ class VQGANModule(L.LightningModule):
         self.val_counts.zero_()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        x = batch["image"]
+        x = batch["image"].contiguous(memory_format=torch.channels_last)
         codes = self.vqgan.encode_codes(x)
         rec = self.vqgan.decode_codes(codes).clamp(-1, 1)
         self.val_counts += torch.bincount(codes.flatten(), minlength=self.val_counts.numel()).float()
