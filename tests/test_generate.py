@@ -113,6 +113,22 @@ def test_stage_two_draws_the_requested_resolution():
         pipeline.generate("a red circle", resolution="wide")
 
 
+def test_a_plan_is_the_text_llm_s_own_continuation_and_the_image_follows_it(tmp_path):
+    pipeline = tiny_pipeline(plan=True)
+    eot = pipeline.eot
+    prompts = [[eot, *pipeline.text_tokenizer(p)["input_ids"], eot] for p in PROMPTS]
+    planned = pipeline.write_plans(prompts, max_new_tokens=5)
+    for prompt, ids in zip(prompts, planned):
+        llm = pipeline.model.llm.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False, eos_token_id=eot, pad_token_id=eot)
+        continuation = llm[0, len(prompt) :].tolist()
+        assert ids == prompt + continuation[: continuation.index(eot) if eot in continuation else 5] + [eot]
+    loaded = MarsPipeline.from_pretrained(pipeline.save_pretrained(tmp_path / "mars"))
+    assert loaded.plan and json.loads((tmp_path / "mars" / CONFIG_NAME).read_text())["plan"] is True
+    images = pixels(pipeline.generate(PROMPTS, temperature=0.0))
+    np.testing.assert_array_equal(images, pixels(loaded.generate(PROMPTS, temperature=0.0)))
+    assert images.tobytes() != pixels(tiny_pipeline().generate(PROMPTS, temperature=0.0)).tobytes()
+
+
 def test_captions_are_text_until_end_of_text(pipeline):
     images = pipeline.generate(PROMPTS)
     captions = pipeline.caption(images, max_new_tokens=6)

@@ -127,6 +127,19 @@ def test_sequences_of_a_batch_follow_the_task_mix(make_cfg, checkpoints, tmp_pat
     assert 5 < len(uncond) < 30  # about half of the text-to-image rows dropped to the unconditional prompt
 
 
+def test_a_plan_restates_the_caption_before_the_image(make_cfg, checkpoints, tmp_path):
+    module = build_module(make_cfg, checkpoints, tmp_path, "model.task_mix.caption=0", "model.uncond_prob=0")
+    assert module.plan == "restatement" and module.pipeline().plan
+    batch = image_batch(4)
+    sequences = module.sequences(batch, random.Random(0))
+    eot = module.text_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    for ids, mask, caption in zip(sequences["input_ids"], sequences["attention_mask"], batch["caption"]):
+        text = ids[mask.bool()].tolist()
+        text = text[: text.index(module.vocab.image_start)]
+        assert text[-1] == eot and text.count(eot) == 3
+        assert module.text_tokenizer.decode(text[text.index(eot, 1) + 1 : -1]) == restate_caption(caption)
+
+
 @pytest.mark.parametrize("visual_expert", [True, False])
 def test_gradients_reach_only_trainable_weights(make_cfg, checkpoints, tmp_path, visual_expert):
     module = build_module(make_cfg, checkpoints, tmp_path, f"model.visual_expert={visual_expert}", "model.task_mix.caption=0.5")

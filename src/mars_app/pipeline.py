@@ -3,7 +3,7 @@
 A MARS checkpoint directory (``save_pretrained`` / ``from_pretrained``)::
 
     mars.json         {"format": "mars-pipeline", "resolutions": ["64x64", ...],
-                       "resolution_in_prompt": false, "row_end": false,
+                       "resolution_in_prompt": false, "row_end": false, "plan": false,
                        "sampling": {"cfg_scale": ..., "temperature": ..., "top_k": ..., "top_p": ...}}
     semvie/           SemVIEForCausalLM.save_pretrained: the visual experts, embeddings and
                       vision head; the frozen text LLM is referenced by its path (or, when it
@@ -23,6 +23,10 @@ Design choices:
   requested grid decides them, and only visual codes are drawn elsewhere.
 - Prompt i of a call draws with the generator seeded ``seed + i``, so its image does not depend
   on ``batch_size`` or on the other prompts of the call.
+- Plans (``plan``): the model first continues each prompt with text (greedy, text ids only,
+  until ``<|endoftext|>``; text-only input runs exactly the frozen LLM), and the image is
+  drawn after that text, as in training (``mars_semvie.sequences``). The unconditional row of
+  guidance has no plan.
 - Captions: the image is encoded with the VQ tokenizer, fed as ``<image_start> codes
   <image_end>``, and text ids only are drawn (greedy by default) until ``<|endoftext|>``.
 """
@@ -93,6 +97,7 @@ class MarsPipeline:
         resolution_in_prompt: bool = False,
         row_end: bool = False,
         sampling: SamplingDefaults | dict | None = None,
+        plan: bool = False,
     ):
         if model.vocab.num_codes != vq_tokenizer.codebook_size:
             raise ValueError(
@@ -109,6 +114,7 @@ class MarsPipeline:
         self.vocab = model.vocab
         self.resolution_in_prompt = resolution_in_prompt
         self.row_end = row_end
+        self.plan = plan
         self.sampling = sampling if isinstance(sampling, SamplingDefaults) else SamplingDefaults(**(sampling or {}))
         self.eot = text_tokenizer.convert_tokens_to_ids(ENDOFTEXT)
         # text ids a caption may use: the tokenizer's entries that the LLM has rows for
@@ -127,6 +133,7 @@ class MarsPipeline:
             "resolutions": [resolution_text(*r) for r in self.resolutions],
             "resolution_in_prompt": self.resolution_in_prompt,
             "row_end": self.row_end,
+            "plan": self.plan,
             "sampling": asdict(self.sampling),
         }
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -160,6 +167,7 @@ class MarsPipeline:
             resolution_in_prompt=config["resolution_in_prompt"],
             row_end=config["row_end"],
             sampling=config["sampling"],
+            plan=config.get("plan", False),
         )
 
     # --------------------------------------------------------------------------- generate
@@ -213,7 +221,10 @@ class MarsPipeline:
         bar = tqdm(total=len(prompts), desc="generating", unit="image", disable=not progress)
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            cond = collate([t2i_prompt_ids(encode_prompt(self.text_tokenizer, p, in_prompt), self.vocab) for p in chunk], self.vocab)
+            text = [encode_prompt(self.text_tokenizer, p, in_prompt) for p in chunk]
+            if self.plan:
+                text = self.write_plans(text, kv_cache)
+            cond = collate([t2i_prompt_ids(ids, self.vocab) for ids in text], self.vocab)
             unc = collate([uncond] * len(chunk), self.vocab)
             generators = [torch.Generator(device=device).manual_seed(seed + start + i) for i in range(len(chunk))]
             tokens = sample_tokens(
@@ -233,6 +244,24 @@ class MarsPipeline:
             bar.update(len(chunk))
         bar.close()
         return images
+
+    def write_plans(self, prompts: list[list[int]], kv_cache: bool = True, max_new_tokens: int = 32) -> list[list[int]]:
+        """Each prompt's ids followed by the text the model writes after it (greedy) and ``<|endoftext|>``."""
+        batch = collate(prompts, self.vocab)
+        device = self.model.visual_embed.weight.device
+        tokens = sample_tokens(
+            self.model,
+            batch["input_ids"].to(device),
+            max_new_tokens,
+            batch["attention_mask"].to(device),
+            allowed_ids=self.text_ids,
+            eos_id=self.eot,
+            kv_cache=kv_cache,
+        )
+        return [ids + self._until_eot(row) + [self.eot] for ids, row in zip(prompts, tokens.tolist())]
+
+    def _until_eot(self, row: list[int]) -> list[int]:
+        return row[: row.index(self.eot)] if self.eot in row else row
 
     # ---------------------------------------------------------------------------- caption
     @torch.no_grad()
@@ -271,8 +300,7 @@ class MarsPipeline:
                 kv_cache=kv_cache,
             )
             for row in tokens.tolist():
-                text = row[: row.index(self.eot)] if self.eot in row else row
-                captions.append(self.text_tokenizer.decode(text, skip_special_tokens=True).strip())
+                captions.append(self.text_tokenizer.decode(self._until_eot(row), skip_special_tokens=True).strip())
             bar.update(len(chunk))
         bar.close()
         return captions

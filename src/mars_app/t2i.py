@@ -16,6 +16,12 @@ Design choices:
   pretrained to write after a caption (``mars_app.lm_corpus``). The frozen text expert then
   continues an image with an output it already knows how to produce: with the raw captions
   (any of the grammar's forms) it gave every image the same caption (docs/LOG.md).
+- **Plan** (``plan``; ``restatement``, the shapes world): a text-to-image prompt continues
+  with the caption's layout restatement, the text the shapes LLM was pretrained to write after
+  a caption, before ``<image_start>`` (``mars_semvie.sequences``); at generation the model
+  writes it itself (text only: exactly the frozen LLM's continuation). The image then reads the
+  objects in its reading order from explicit tokens (docs/LOG.md). Unconditional prompts
+  have no plan.
 - **Loss only on the targets** of each layout (image tokens; caption tokens and their eot),
   one cross-entropy over every target of the batch.
 - **Stage II** (``resolution_in_prompt``): the image's size (its code grid times the
@@ -77,6 +83,7 @@ class TextToImageModule(L.LightningModule):
         num_visual_codes: int | None = None,  # None: the VQ tokenizer's codebook size
         task_mix: dict | None = None,  # {"t2i": p, "caption": q}, normalised
         caption_target: str = "caption",  # or "restatement" (the shapes world): what captioning learns to write
+        plan: str | None = None,  # "restatement" (the shapes world): the LLM writes the layout before the image
         uncond_prob: float = 0.1,
         resolution_in_prompt: bool = False,  # stage II: resolution in the prompt, row ends
         resolutions: list[str] = ("64x64",),  # "WxH" the model draws (exported); the first is evaluated
@@ -115,6 +122,9 @@ class TextToImageModule(L.LightningModule):
         if caption_target not in ("caption", "restatement"):
             raise ValueError(f"caption_target must be 'caption' or 'restatement', got {caption_target!r}")
         self.caption_target = caption_target
+        if plan not in (None, "restatement"):
+            raise ValueError(f"plan must be null or 'restatement', got {plan!r}")
+        self.plan = plan
         self.uncond_prob = uncond_prob
         self.resolution_in_prompt = resolution_in_prompt
         self.resolutions = list(resolutions)
@@ -149,7 +159,8 @@ class TextToImageModule(L.LightningModule):
     def _prompt(self, caption: str, resolution: tuple[int, int] | None) -> list[int]:
         key = ("prompt", caption, resolution)
         if key not in self._prompt_cache:
-            self._prompt_cache[key] = seq.encode_prompt(self.text_tokenizer, caption, resolution)
+            plan = restate_caption(caption) if self.plan and caption else None
+            self._prompt_cache[key] = seq.encode_prompt(self.text_tokenizer, caption, resolution, plan)
         return self._prompt_cache[key]
 
     def _caption(self, caption: str) -> list[int]:
@@ -191,12 +202,12 @@ class TextToImageModule(L.LightningModule):
         return next(self.vq.parameters()).device
 
     # -------------------------------------------------------------------------- training
-    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None):
-        return self.model(input_ids, attention_mask, position_ids, labels)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, return_logits=True):
+        return self.model(input_ids, attention_mask, position_ids, labels, return_logits=return_logits)
 
     def training_step(self, batch, batch_idx):
         rng = random.Random(f"{self.seed}/{self.global_step}/{self.global_rank}")
-        loss = self(**self.sequences(batch, rng)).loss
+        loss = self(**self.sequences(batch, rng), return_logits=False).loss
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
         return loss
 
@@ -347,7 +358,7 @@ class TextToImageModule(L.LightningModule):
         """The generation pipeline around this module's model and tokenizers (mars_app.pipeline)."""
         return MarsPipeline(
             self.model, self.vq, self.text_tokenizer, self.resolutions,
-            resolution_in_prompt=self.resolution_in_prompt, row_end=self.resolution_in_prompt,
+            resolution_in_prompt=self.resolution_in_prompt, row_end=self.resolution_in_prompt, plan=self.plan is not None,
             sampling={"cfg_scale": self.evaluation.get("cfg_scale", 1.5)},
         )
 

@@ -42,6 +42,9 @@ def test_prompt_framing_and_resolution(tokenizer):
     assert tokenizer.decode(encode_prompt(tokenizer, "a red circle", (96, 64))[1:-1]) == "96x64 a red circle"
     assert unconditional_prompt(tokenizer) == [eot, eot]
     assert tokenizer.decode(unconditional_prompt(tokenizer, (96, 64))[1:-1]) == "96x64"
+    planned = encode_prompt(tokenizer, "a red circle left of a blue square", plan=" red circle left of blue square ")
+    assert planned.count(eot) == 3 and planned[-1] == eot
+    assert tokenizer.decode(planned[planned.index(eot, 1) + 1 : -1]) == "red circle left of blue square"
     caption = encode_caption(tokenizer, "一个红色的圆形 ")
     assert caption[-1] == eot and tokenizer.decode(caption[:-1]) == "一个红色的圆形"
 

@@ -13,6 +13,7 @@ text expert sees the same kind of input it was trained on and its hidden state a
                                                      in pixels, e.g. "96x64", written into the
                                                      prompt as the paper does)
     prompt ids   = [eot] tokens(prompt text) [eot]                     encode_prompt
+                 = [eot] tokens(prompt text) [eot] tokens(plan) [eot]  (with a plan)
     uncond ids   = [eot] tokens(f"{W}x{H}") [eot] (stage II)           unconditional_prompt
                  = [eot] [eot]                    (stage I)
 
@@ -20,6 +21,12 @@ The resolution comes first so that the caption's last word (a Chinese caption's 
 stays right before the closing ``<|endoftext|>``: with it after the caption, a text LM trained
 on the restatement corpus (``mars_app.lm_corpus``) did not learn the Chinese order swap in
 3,000 steps, without it it did (docs/LOG.md).
+
+A plan is text the text expert writes after the prompt before the image is drawn: the
+shapes world's LLM continues a caption with its layout restatement (``mars_app.lm_corpus``:
+the objects in the image's reading order), so the image reads which object goes where from
+explicit tokens instead of working it out through frozen keys and values. Training writes
+the restatement of the sample's caption; generation lets the model write it (``mars_app.pipeline``).
 
 The unconditional prompt (classifier-free guidance) is the prompt with no caption tokens; in
 stage II it keeps the resolution, so the conditional and unconditional rows of a guided
@@ -83,12 +90,17 @@ def _eot(text_tokenizer) -> int:
     return eot
 
 
-def encode_prompt(text_tokenizer, caption: str, resolution: tuple[int, int] | None = None) -> list[int]:
-    """Text ids of a prompt: ``[eot] tokens(prompt_text(caption, resolution)) [eot]``."""
+def encode_prompt(
+    text_tokenizer, caption: str, resolution: tuple[int, int] | None = None, plan: str | None = None
+) -> list[int]:
+    """Text ids of a prompt: ``[eot] tokens(prompt_text(caption, resolution)) [eot]``, then
+    ``tokens(plan) [eot]`` if a plan is given."""
     eot = _eot(text_tokenizer)
     text = prompt_text(caption, resolution)
-    ids = text_tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-    return [eot, *ids, eot]
+    ids = [eot, *(text_tokenizer(text, add_special_tokens=False)["input_ids"] if text else []), eot]
+    if plan is not None:
+        ids += [*text_tokenizer(plan.strip(), add_special_tokens=False)["input_ids"], eot]
+    return ids
 
 
 def unconditional_prompt(text_tokenizer, resolution: tuple[int, int] | None = None) -> list[int]:
