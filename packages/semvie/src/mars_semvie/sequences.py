@@ -99,7 +99,7 @@ def encode_prompt(
     text = prompt_text(caption, resolution)
     ids = [eot, *(text_tokenizer(text, add_special_tokens=False)["input_ids"] if text else []), eot]
     if plan is not None:
-        ids += [*text_tokenizer(plan.strip(), add_special_tokens=False)["input_ids"], eot]
+        ids += encode_caption(text_tokenizer, plan)  # tokens(plan) [eot]
     return ids
 
 
