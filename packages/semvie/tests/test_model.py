@@ -161,9 +161,10 @@ def test_image_positions_tell_codes_where_they_are_and_leave_text_alone(build_ti
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_frozen_prompt_rows_skipped_by_backward_leave_gradients_unchanged(build_tiny_semvie, perturb_visual_weights, family):
-    """Gather routing runs text rows with no image before them under no_grad; the mask
-    reference runs everything with autograd: same loss, same gradients."""
+def test_frozen_prompt_rows_and_skipped_padding_leave_gradients_unchanged(build_tiny_semvie, perturb_visual_weights, family):
+    """Gather routing runs text rows with no image before them under no_grad and does not
+    compute padding rows at all; the mask reference runs everything with autograd: same loss,
+    same gradients. Padding positions count in neither loss, whatever their labels."""
     t2i = t2i_ids(batch=3, seed=1)
     vocab = MultimodalVocab(T, NUM_CODES)
     caption = torch.cat([t2i[:1, 8:], t2i[:1, :8]], dim=1)  # image first, then text: text rows need grads
@@ -175,7 +176,11 @@ def test_frozen_prompt_rows_skipped_by_backward_leave_gradients_unchanged(build_
         model, _ = build_tiny_semvie(family, routing=routing)
         perturb_visual_weights(model)
         model.train()
-        model(ids, attention_mask=mask, labels=ids).loss.backward()
+        loss = model(ids, attention_mask=mask, labels=ids).loss
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[0, 3] = -100  # predicted by a padding position
+        assert_close(loss, model(ids, attention_mask=mask, labels=labels).loss)
+        loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 

@@ -27,6 +27,10 @@ Design choices:
 - Text rows with no image before them (a text-to-image prompt) depend on frozen weights only:
   while training they run under ``no_grad``, first in expert order, so the backward pass
   skips them (about a fifth of a stage I step); gradients are unchanged.
+- Padding rows (``attention_mask`` 0) are not computed at all while training (zeros in
+  their place; their keys are masked and they predict nothing): a stage I batch is about a
+  quarter padding, since caption rows are shorter than prompt + plan + image rows. A padding
+  position never counts in the loss.
 - The output projection is routed too: visual tokens get a trainable copy of ``o_proj``, as
   in CogVLM's visual expert that SemVIE follows. Text rows still use the frozen ``o_proj``,
   so text-only behaviour is exact either way; the copy gives the visual expert the whole
@@ -134,27 +138,37 @@ class VisualExpert(nn.Module):
 class Router:
     """Sends the rows of a flattened batch to the text or the visual expert.
 
-    ``visual`` (N,) marks visual rows; ``frozen`` (N,), optional, marks text rows that need no
-    gradient (gather mode only). In "gather" mode with both modalities present, rows are kept
-    in expert order (frozen text rows, other text rows, then visual, each in sequence order)
-    between ``to_expert_order`` and ``to_sequence_order``; otherwise both are the identity.
+    ``visual`` (N,) marks visual rows. Two optional marks apply in gather mode (training):
+    ``frozen`` (N,) text rows that need no gradient (run under ``no_grad``), ``skip`` (N,) rows
+    nobody reads (padding: not computed at all, their outputs are zeros). In gather mode with
+    both modalities present, or with rows to skip, rows are kept in expert order (skipped,
+    frozen text, other text, then visual, each in sequence order) between
+    ``to_expert_order`` and ``to_sequence_order``; otherwise both are the identity.
     """
 
-    def __init__(self, visual: torch.Tensor, mode: str, frozen: torch.Tensor | None = None):
+    def __init__(
+        self, visual: torch.Tensor, mode: str, frozen: torch.Tensor | None = None, skip: torch.Tensor | None = None
+    ):
         if mode not in ("gather", "mask"):
             raise ValueError(f"routing must be 'gather' or 'mask', got {mode!r}")
         self.mode = mode
         self.visual = visual
         num_visual = int(visual.sum())
-        self.num_text = visual.numel() - num_visual
-        self.only = "text" if num_visual == 0 else "visual" if self.num_text == 0 else None
-        self.permute = mode == "gather" and self.only is None
-        self.num_frozen = int(frozen.sum()) if frozen is not None and self.permute else 0
-        if self.permute:
-            key = visual.to(torch.int8) * 2 + (~visual & ~frozen if self.num_frozen else ~visual).to(torch.int8)
-            self.order = torch.argsort(key, stable=True)
-            self.inverse = torch.empty_like(self.order)
-            self.inverse[self.order] = torch.arange(visual.numel(), device=visual.device)
+        self.only = "text" if num_visual == 0 else "visual" if num_visual == visual.numel() else None
+        gather = mode == "gather"
+        skip = skip if gather and skip is not None and bool(skip.any()) else None
+        self.permute = gather and (self.only is None or skip is not None)
+        if not self.permute:
+            return
+        none = torch.zeros_like(visual)
+        frozen = none if frozen is None else frozen
+        skip = none if skip is None else skip
+        group = torch.where(skip, 0, torch.where(visual, 3, torch.where(frozen, 1, 2)))
+        counts = torch.bincount(group, minlength=4).tolist()
+        self.ends = [sum(counts[: g + 1]) for g in range(3)]  # where skipped, frozen, text rows end
+        self.order = torch.argsort(group, stable=True)
+        self.inverse = torch.empty_like(self.order)
+        self.inverse[self.order] = torch.arange(visual.numel(), device=visual.device)
 
     def to_expert_order(self, x: torch.Tensor) -> torch.Tensor:
         return x.index_select(0, self.order) if self.permute else x
@@ -164,16 +178,22 @@ class Router:
 
     def apply(self, text_fn: Callable, visual_fn: Callable, x: torch.Tensor) -> torch.Tensor:
         """text_fn on text rows, visual_fn on visual rows of ``x`` (in expert order)."""
+        if self.permute:
+            skipped, frozen, text = self.ends
+            parts = []
+            if frozen > skipped:
+                with torch.no_grad():
+                    parts.append(text_fn(x[skipped:frozen]))
+            if text_fn is visual_fn:
+                parts.append(text_fn(x[frozen:]))
+            else:
+                parts += [text_fn(x[frozen:text]), visual_fn(x[text:])]
+            out = torch.cat(parts)
+            return torch.cat([out.new_zeros(skipped, *out.shape[1:]), out]) if skipped else out
         if text_fn is visual_fn or self.only == "text":
             return text_fn(x)
         if self.only == "visual":
             return visual_fn(x)
-        if self.mode == "gather":
-            parts = [text_fn(x[self.num_frozen : self.num_text]), visual_fn(x[self.num_text :])]
-            if self.num_frozen:
-                with torch.no_grad():
-                    parts.insert(0, text_fn(x[: self.num_frozen]))
-            return torch.cat(parts)
         out_text, out_visual = text_fn(x), visual_fn(x)
         mask = self.visual.view(-1, *([1] * (out_text.dim() - 1)))
         return torch.where(mask, out_visual, out_text)
@@ -303,7 +323,7 @@ class SemVIEForCausalLM(nn.Module):
             position_ids = torch.arange(past, past + L, device=input_ids.device).expand(B, L)
         mask, is_causal = self._attention_mask(attention_mask, L, past, input_ids.device)
         visual = self.vocab.is_visual(input_ids)
-        router = Router(visual.flatten(), self.config.routing, self._frozen_text(visual, attention_mask, past))
+        router = Router(visual.flatten(), self.config.routing, *self._training_rows(visual, attention_mask, past))
 
         T = self.vocab.text_size
         ids = router.to_expert_order(input_ids.flatten())
@@ -329,6 +349,8 @@ class SemVIEForCausalLM(nn.Module):
         if labels is not None:
             targets = labels[:, 1:].to(h.device)
             has_target = targets != IGNORE
+            if attention_mask is not None:  # a padding position predicts nothing (and is skipped in training)
+                has_target &= attention_mask[:, -L:-1].to(h.device).bool()
             loss = F.cross_entropy(self._heads(h[:, :-1][has_target]).float(), targets[has_target])
         logits = None
         if return_logits:
@@ -385,14 +407,20 @@ class SemVIEForCausalLM(nn.Module):
         # text after an image (a caption) has offsets too, possibly past the table: look up 0 there
         return self.image_position(torch.where(placed, offset, 0)) * placed.unsqueeze(-1).to(self.image_position.weight.dtype)
 
-    def _frozen_text(self, visual: torch.Tensor, attention_mask: torch.Tensor | None, past: int) -> torch.Tensor | None:
-        """(B*L,) text rows whose states depend on frozen weights only (no image token before
-        them); None when nothing needs gradients or the text weights are trained."""
-        if not torch.is_grad_enabled() or past or self.experts is None or any(p.requires_grad for p in self.llm.parameters()):
-            return None
-        real_visual = visual if attention_mask is None else visual & attention_mask[:, -visual.shape[1] :].bool()
+    def _training_rows(self, visual: torch.Tensor, attention_mask: torch.Tensor | None, past: int):
+        """(frozen, skip) marks for the router while training (else None): text rows whose states
+        depend on frozen weights only (no image token before them; None when the text weights
+        are trained) and padding rows, which nothing reads (a stage I batch is a quarter padding:
+        caption rows are shorter than prompt + image rows)."""
+        if not torch.is_grad_enabled() or past:
+            return None, None
+        real = None if attention_mask is None else attention_mask[:, -visual.shape[1] :].bool()
+        skip = None if real is None else ~real.flatten()
+        if self.experts is None or any(p.requires_grad for p in self.llm.parameters()):
+            return None, skip
+        real_visual = visual if real is None else visual & real
         images_before = real_visual.cumsum(1) - real_visual.long()
-        return (~visual & (images_before == 0)).flatten()
+        return (~visual & (images_before == 0)).flatten(), skip
 
     @staticmethod
     def _attention_mask(attention_mask, L, past, device) -> tuple[torch.Tensor | None, bool]:
