@@ -3,7 +3,8 @@
 Runs the project's own commands in order, printing each before it runs, so that every step
 can be repeated by hand: held-out prompts and their scenes, the VQ tokenizer and the text LLM
 (side by side: they do not depend on each other, and two one-thread jobs use 2 cores better
-than one two-thread job), pre-tokenized shards, MARS stage I, a sample grid, generation and
+than one two-thread job; the tokenizer's pre-tokenized shards follow it in its lane), MARS
+stage I, a sample grid, generation and
 evaluation on the held-out prompts, and captions of the held-out scenes, scored. A finished step leaves
 ``<out_dir>/.done/<step>`` and is skipped on the next run; an interrupted training step
 resumes from its last checkpoint. Data lives in ``<out_dir>/data``, each training run in
@@ -57,10 +58,13 @@ def demo_steps(cfg: DictConfig, out: Path) -> list[Step | tuple[Step, ...]]:
                                       "--seed", str(cfg.eval_seed), "--out", str(eval_prompts)]),
         Step("eval_scenes", lambda: ["-m", "mars_data.shapes", "render", "--prompts", str(eval_prompts),
                                      "--out", str(out / "eval_scenes")]),
-        (train_step("tokenizer", list(cfg.tokenizer), out), train_step("lm", list(cfg.lm), out)),
-        Step("codes", lambda: [str(APPS / "tokenize_shards.py"), f"tokenizer={tokenizer}",
-                               f"input={shapes_train_shards()}", f"output={data / 'shapes_codes' / 'train'}",
-                               f"hydra.run.dir={out / 'codes'}"]),
+        (  # the tokenizer, then its codes, beside the text LLM
+            [train_step("tokenizer", list(cfg.tokenizer), out),
+             Step("codes", lambda: [str(APPS / "tokenize_shards.py"), f"tokenizer={tokenizer}",
+                                    f"input={shapes_train_shards()}", f"output={data / 'shapes_codes' / 'train'}",
+                                    f"hydra.run.dir={out / 'codes'}"])],
+            train_step("lm", list(cfg.lm), out),
+        ),
         train_step("stage1", [*cfg.stage1, f"model.llm_path={llm}", f"model.tokenizer_path={tokenizer}"], out),
         Step("samples", lambda: [str(APPS / "generate.py"), f"ckpt={ckpt}", f"prompts={write_sample_prompts(cfg, out)}",
                                  f"out={out / 'samples'}", "grid=true", f"hydra.run.dir={out / 'samples'}"]),
@@ -83,40 +87,46 @@ def write_sample_prompts(cfg: DictConfig, out: Path) -> Path:
     return path
 
 
-def run_steps(steps: list[Step | tuple[Step, ...]], out: Path) -> None:
-    """Run each step (a tuple: its steps side by side) unless its ``.done`` marker exists."""
+def run_steps(steps: list[Step | tuple[Step | list[Step], ...]], out: Path) -> None:
+    """Run each step unless its ``.done`` marker exists. A tuple runs side by side, each of its
+    entries a step or a list of steps run one after the other (a lane)."""
     done_dir = out / ".done"
     done_dir.mkdir(parents=True, exist_ok=True)
     for i, group in enumerate(steps, 1):
-        group = group if isinstance(group, tuple) else (group,)
-        todo = [s for s in group if not (done_dir / s.name).exists()]
-        for step in group:
-            if step not in todo:
-                print(f"[{i}/{len(steps)}] {step.name}: done already", flush=True)
-        side_by_side = len(todo) > 1
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(todo)))} if side_by_side else None
-        running = []
+        lanes = [entry if isinstance(entry, list) else [entry] for entry in (group if isinstance(group, tuple) else (group,))]
+        for step in (s for lane in lanes for s in lane if (done_dir / s.name).exists()):
+            print(f"[{i}/{len(steps)}] {step.name}: done already", flush=True)
+        lanes = [todo for lane in lanes if (todo := [s for s in lane if not (done_dir / s.name).exists()])]
+        side_by_side = len(lanes) > 1
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(lanes)))} if side_by_side else None
         start = time.monotonic()
-        for step in todo:
+
+        def launch(lane: list[Step]):
+            step = lane.pop(0)
             command = [sys.executable, *step.args()]
             if step.resume_from is not None and step.resume_from.exists():
                 command.append(f"ckpt_path={step.resume_from}")
             log = out / f"{step.name}.log" if side_by_side else None
             print(f"[{i}/{len(steps)}] {step.name}: {shlex.join(command)}" + (f"  (output: {log})" if log else ""), flush=True)
             sink = open(log, "a") if log else None
-            running.append((step, subprocess.Popen(command, env=env, stdout=sink, stderr=sink and subprocess.STDOUT), log))
+            process = subprocess.Popen(command, env=env, stdout=sink, stderr=sink and subprocess.STDOUT)
             if sink:
                 sink.close()  # the child keeps its own handle
+            return step, process, log, lane
+
+        running = [launch(lane) for lane in lanes]
         failed = []
-        while running:  # report each step when it ends
+        while running:  # report each step when it ends, then start the next one of its lane
             for entry in [e for e in running if e[1].poll() is not None]:
                 running.remove(entry)
-                step, process, log = entry
+                step, process, log, lane = entry
                 if process.returncode != 0:
                     failed.append(f"{step.name} (exit {process.returncode}{f', see {log}' if log else ''})")
                     continue
                 (done_dir / step.name).touch()
                 print(f"[{i}/{len(steps)}] {step.name}: finished in {time.monotonic() - start:.0f} s", flush=True)
+                if lane:
+                    running.append(launch(lane))
             time.sleep(0.2 if running else 0)
         if failed:
             raise SystemExit(f"demo step failed: {', '.join(failed)}; rerun to resume")

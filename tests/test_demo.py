@@ -15,9 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_steps_are_the_projects_own_commands(make_cfg, tmp_path):
     cfg = make_cfg([], config_name="demo")
     groups = demo_steps(cfg, tmp_path)
-    assert [s.name for s in groups[2]] == ["tokenizer", "lm"]  # independent: side by side
-    steps = [s for g in groups for s in (g if isinstance(g, tuple) else (g,))]
-    assert [s.name for s in steps][:4] == ["eval_prompts", "eval_scenes", "tokenizer", "lm"]
+    tokenizer_lane, lm = groups[2]  # independent: side by side
+    assert [s.name for s in tokenizer_lane] == ["tokenizer", "codes"] and lm.name == "lm"
+    steps = [s for g in groups for e in (g if isinstance(g, tuple) else (g,)) for s in (e if isinstance(e, list) else [e])]
+    assert [s.name for s in steps][:5] == ["eval_prompts", "eval_scenes", "tokenizer", "codes", "lm"]
     assert [s.name for s in steps][-2:] == ["captions", "evaluate_captions"]
     (tmp_path / "data" / "shapes" / "train-10-abc").mkdir(parents=True)  # what the tokenizer run leaves
     for step in steps:
@@ -51,6 +52,15 @@ def test_steps_side_by_side_share_the_cores_and_log_to_files(tmp_path):
     assert (tmp_path / "a.log").read_text().split() == ["a", threads]
     assert (tmp_path / "b.log").read_text().split() == ["b", threads]
     assert (tmp_path / ".done" / "a").exists() and (tmp_path / ".done" / "b").exists()
+
+    # a lane: "f" starts when "e" has finished, while "g" runs beside them
+    order = tmp_path / "order.txt"
+    order.touch()
+    wait = "import time\nfor _ in range(200):\n    if {!r} in open({!r}).read(): break\n    time.sleep(0.1)\nelse: raise SystemExit('timeout')\n"
+    append = lambda name, after: Step(name, lambda: ["-c", (wait.format(after, str(order)) if after else "") + f"open({str(order)!r}, 'a').write({name!r})"])
+    started = Step("g", lambda: ["-c", f"open({str(order)!r}, 'a').write('<')\n" + wait.format("f", str(order)) + f"open({str(order)!r}, 'a').write('g')"])
+    run_steps([([append("e", "<"), append("f", None)], started)], tmp_path)
+    assert order.read_text() == "<efg"
 
     fail = Step("c", lambda: ["-c", "raise SystemExit(3)"])
     with pytest.raises(SystemExit, match="c \\(exit 3"):
