@@ -410,8 +410,7 @@ class SemVIEForCausalLM(nn.Module):
     def _training_rows(self, visual: torch.Tensor, attention_mask: torch.Tensor | None, past: int):
         """(frozen, skip) marks for the router while training (else None): text rows whose states
         depend on frozen weights only (no image token before them; None when the text weights
-        are trained) and padding rows, which nothing reads (a stage I batch is a quarter padding:
-        caption rows are shorter than prompt + image rows)."""
+        are trained) and padding rows, which nothing reads."""
         if not torch.is_grad_enabled() or past:
             return None, None
         real = None if attention_mask is None else attention_mask[:, -visual.shape[1] :].bool()
