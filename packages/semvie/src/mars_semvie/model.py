@@ -160,10 +160,11 @@ class Router:
         self.permute = gather and (self.only is None or skip is not None)
         if not self.permute:
             return
-        none = torch.zeros_like(visual)
-        frozen = none if frozen is None else frozen
-        skip = none if skip is None else skip
-        group = torch.where(skip, 0, torch.where(visual, 3, torch.where(frozen, 1, 2)))
+        group = torch.where(visual, 3, 2)  # skipped 0, frozen text 1, other text 2, visual 3
+        if frozen is not None:
+            group = torch.where(frozen, 1, group)
+        if skip is not None:
+            group = torch.where(skip, 0, group)
         counts = torch.bincount(group, minlength=4).tolist()
         self.ends = [sum(counts[: g + 1]) for g in range(3)]  # where skipped, frozen, text rows end
         self.order = torch.argsort(group, stable=True)
@@ -413,7 +414,7 @@ class SemVIEForCausalLM(nn.Module):
         are trained) and padding rows, which nothing reads."""
         if not torch.is_grad_enabled() or past:
             return None, None
-        real = None if attention_mask is None else attention_mask[:, -visual.shape[1] :].bool()
+        real = None if attention_mask is None else attention_mask.bool()  # no cache: (B, L) like visual
         skip = None if real is None else ~real.flatten()
         if self.experts is None or any(p.requires_grad for p in self.llm.parameters()):
             return None, skip
