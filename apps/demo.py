@@ -98,10 +98,13 @@ def run_steps(steps: list[Step | tuple[Step | list[Step], ...]], out: Path) -> N
             print(f"[{i}/{len(steps)}] {step.name}: done already", flush=True)
         lanes = [todo for lane in lanes if (todo := [s for s in lane if not (done_dir / s.name).exists()])]
         side_by_side = len(lanes) > 1
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(lanes)))} if side_by_side else None
         start = time.monotonic()
 
-        def launch(lane: list[Step]):
+        def launch(lane: list[Step], active_lanes: int):
+            # the cores are shared among the lanes still running: a step that starts after
+            # another lane finished gets its threads too
+            threads = max(1, (os.cpu_count() or 1) // active_lanes)
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if side_by_side else None
             step = lane.pop(0)
             command = [sys.executable, *step.args()]
             if step.resume_from is not None and step.resume_from.exists():
@@ -114,7 +117,7 @@ def run_steps(steps: list[Step | tuple[Step | list[Step], ...]], out: Path) -> N
                 sink.close()  # the child keeps its own handle
             return step, process, log, lane
 
-        running = [launch(lane) for lane in lanes]
+        running = [launch(lane, len(lanes)) for lane in lanes]
         failed = []
         while running:  # report each step when it ends, then start the next one of its lane
             for entry in [e for e in running if e[1].poll() is not None]:
@@ -126,7 +129,7 @@ def run_steps(steps: list[Step | tuple[Step | list[Step], ...]], out: Path) -> N
                 (done_dir / step.name).touch()
                 print(f"[{i}/{len(steps)}] {step.name}: finished in {time.monotonic() - start:.0f} s", flush=True)
                 if lane:
-                    running.append(launch(lane))
+                    running.append(launch(lane, len(running) + 1))
             time.sleep(0.2 if running else 0)
         if failed:
             raise SystemExit(f"demo step failed: {', '.join(failed)}; rerun to resume")

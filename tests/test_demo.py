@@ -62,6 +62,13 @@ def test_steps_side_by_side_share_the_cores_and_log_to_files(tmp_path):
     run_steps([([append("e", "<"), append("f", None)], started)], tmp_path)
     assert order.read_text() == "<efg"
 
+    # the next step of a lane gets the cores of lanes that have finished
+    wait_done = f"import os, time\nwhile not os.path.exists({str(tmp_path / '.done' / 'quick')!r}):\n    time.sleep(0.1)\n"
+    waits = Step("waits", lambda: ["-c", wait_done])
+    run_steps([([waits, write("next")], write("quick"))], tmp_path)
+    assert (tmp_path / "quick.log").read_text().split() == ["quick", threads]
+    assert (tmp_path / "next.log").read_text().split() == ["next", str(os.cpu_count() or 1)]
+
     fail = Step("c", lambda: ["-c", "raise SystemExit(3)"])
     with pytest.raises(SystemExit, match="c \\(exit 3"):
         run_steps([(write("d"), fail)], tmp_path)
