@@ -89,6 +89,12 @@ def test_discriminator_waits_for_disc_start_and_can_be_off(tmp_path):
     assert build_module(disc_weight=0.0).discriminator is None
 
 
+def test_adversarial_weight_reads_the_pixel_layer(tmp_path):
+    module = build_module(vqgan=VQGANConfig.from_preset("tiny", patch_size=2, pixel_channels=4), disc_start=0)
+    trainer = fit(module, tmp_path, steps=2)
+    assert trainer.callback_metrics["train/adaptive_weight"] > 0
+
+
 def test_training_reduces_the_reconstruction_error(tmp_path):
     torch.manual_seed(0)
     module = build_module(disc_weight=0.0)

@@ -63,6 +63,23 @@ def test_decoder_norm_can_be_left_out():
     assert vqgan(images())["reconstruction"].shape == (2, 3, 16, 16)
 
 
+def test_pixel_layers_sit_at_full_resolution_around_the_folding(tmp_path):
+    tokenizer = build_tiny_tokenizer(patch_size=2, pixel_channels=4)
+    encoder, decoder = tokenizer.vqgan.encoder, tokenizer.vqgan.decoder
+    assert encoder.pixel_in.in_channels == 3 and encoder.conv_in.in_channels == 4 * 2 * 2
+    assert decoder.conv_out.out_channels == 4 * 2 * 2 and decoder.last_layer is decoder.pixel_out
+    plain = build_tiny_tokenizer().vqgan.decoder
+    assert plain.last_layer is plain.conv_out
+    codes = tokenizer.encode(images(2, 16, 24))
+    assert codes.shape == (2, 2, 3) and tokenizer.decode(codes).shape == (2, 3, 16, 24)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = VQTokenizer.from_pretrained(tmp_path)
+    assert loaded.vqgan.config.pixel_channels == 4
+    torch.testing.assert_close(loaded.decode(codes), tokenizer.decode(codes))
+    with pytest.raises(ValueError, match="pixel_channels needs patch_size > 1"):
+        VQGANConfig.from_preset("tiny", pixel_channels=4)
+
+
 def test_decode_then_encode_is_a_fixed_point_of_codes():
     """Codes of a decoded image decode to the same image: decode is deterministic per code."""
     tokenizer = build_tiny_tokenizer()

@@ -110,7 +110,7 @@ class VQGANModule(L.LightningModule):
         return loss, logs
 
     def adaptive_weight(self, rec_loss: torch.Tensor, gan_loss: torch.Tensor) -> torch.Tensor:
-        last = self.vqgan.decoder.conv_out.weight
+        last = self.vqgan.decoder.last_layer.weight
         rec_grad = torch.autograd.grad(rec_loss, last, retain_graph=True)[0]
         gan_grad = torch.autograd.grad(gan_loss, last, retain_graph=True)[0]
         return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()

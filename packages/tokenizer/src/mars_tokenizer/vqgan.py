@@ -13,9 +13,17 @@ Design choices
 - **Downsampling factor = patch_size * 2 ** (len(ch_mult) - 1).** ``patch_size`` > 1 folds
   p x p pixel patches into channels before the encoder and unfolds them after the decoder
   (pixel_unshuffle / pixel_shuffle): the networks then run at 1/p of the resolution, with many
-  channels where a CPU computes efficiently, and still place every output pixel sharply. The
-  networks are fully convolutional (plus attention over positions), so any height and width
-  that are multiples of the factor work: a 256x384 image gives 16x24 codes at factor 16.
+  channels where a CPU computes efficiently. The networks are fully convolutional (plus
+  attention over positions), so any height and width that are multiples of the factor work:
+  a 256x384 image gives 16x24 codes at factor 16.
+- **Per-pixel layers around the folding** (``pixel_channels``, 0 for taming). Without them the
+  decoder's last layer writes each p x p patch as a linear function of its features; a flat
+  object over white is a mask times a colour, a product that one linear layer draws sharply
+  only with a feature per pixel and colour. With them a 1x1 conv and SiLU run at full
+  resolution before the encoder's folding, SiLU and a 1x1 conv after the decoder's unfolding:
+  with 8 channels the shapes tokenizer reconstructs held-out two-object scenes at 0.97 instead
+  of 0.86 after 4,000 steps (its failures were blunted triangle apexes and rounded square
+  corners), for about 12% more time per step.
 - **Two quantizers.** ``vq``: a learned codebook with nearest-neighbour search, taming's
   quantizer (``l2_normalize=False``) or, for training from scratch, l2-normalised
   low-dimensional codes (``l2_normalize=True``, small ``codebook_dim``; ViT-VQGAN, LlamaGen),
@@ -61,6 +69,9 @@ class VQGANConfig:
     # pixels per side folded into channels before the encoder (pixel_unshuffle) and unfolded
     # after the decoder (pixel_shuffle); taming: 1. Cheap small-image presets use 4
     patch_size: int = 1
+    # with patch_size > 1: channels of a per-pixel layer on either side of the folding (the
+    # module docstring says why); 0: none (taming)
+    pixel_channels: int = 0
     # base channel count and its multiplier per resolution level; len(ch_mult) - 1 halvings
     ch: int = 128
     ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
@@ -106,6 +117,8 @@ class VQGANConfig:
         for channels in {self.ch * m for m in self.ch_mult}:
             if channels % self.norm_groups:
                 raise ValueError(f"norm_groups={self.norm_groups} does not divide {channels} channels")
+        if self.pixel_channels and self.patch_size == 1:
+            raise ValueError("pixel_channels needs patch_size > 1 (without folding the networks already run per pixel)")
         if self.resolution % self.downsample:
             raise ValueError(f"resolution={self.resolution} is not a multiple of downsample={self.downsample}")
 
@@ -129,10 +142,11 @@ PRESETS: dict[str, VQGANConfig] = {
     # shapes world at 64x64: downsample 16 as in the paper (4x4 = 16 codes per image), as
     # 4x4 pixel patches folded into channels and two halvings: the network runs at 16x16 and
     # below, where 16-64 channels are cheap on a CPU (0.7M parameters: at a fixed time budget,
-    # more optimizer steps beat wider layers); 512 l2-normalised 8-d codes
+    # more optimizer steps beat wider layers); 512 l2-normalised 8-d codes; 8 channels per
+    # pixel around the folding
     "shapes": VQGANConfig(
-        resolution=64, patch_size=4, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(),
-        z_channels=32, codebook_size=512, codebook_dim=8, norm_groups=8, decoder_norm=False,
+        resolution=64, patch_size=4, pixel_channels=8, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1,
+        attn_resolutions=(), z_channels=32, codebook_size=512, codebook_dim=8, norm_groups=8, decoder_norm=False,
     ),
     # unit tests: downsample 4, a few thousand parameters
     "tiny": VQGANConfig(
@@ -241,7 +255,9 @@ class Encoder(nn.Module):
         super().__init__()
         g = cfg.norm_groups
         self.patch_size = cfg.patch_size
-        self.conv_in = nn.Conv2d(cfg.in_channels * cfg.patch_size**2, cfg.ch, 3, padding=1)
+        if cfg.pixel_channels:
+            self.pixel_in = nn.Conv2d(cfg.in_channels, cfg.pixel_channels, 1)
+        self.conv_in = nn.Conv2d((cfg.pixel_channels or cfg.in_channels) * cfg.patch_size**2, cfg.ch, 3, padding=1)
         res, block_in, levels = cfg.resolution // cfg.patch_size, cfg.ch, []
         for i, mult in enumerate(cfg.ch_mult):
             block_out = cfg.ch * mult
@@ -260,6 +276,8 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "pixel_in"):
+            x = F.silu(self.pixel_in(x))
         h = self.conv_in(F.pixel_unshuffle(x, self.patch_size))
         for level in self.down:
             h = level(h)
@@ -287,14 +305,22 @@ class Decoder(nn.Module):
             res = res * 2 if i else res
         self.up = nn.ModuleList(levels)  # indexed by level like the encoder; run in reverse
         self.norm_out = _norm(block_in, g)
-        self.conv_out = nn.Conv2d(block_in, cfg.in_channels * cfg.patch_size**2, 3, padding=1)
+        self.conv_out = nn.Conv2d(block_in, (cfg.pixel_channels or cfg.in_channels) * cfg.patch_size**2, 3, padding=1)
+        if cfg.pixel_channels:
+            self.pixel_out = nn.Conv2d(cfg.pixel_channels, cfg.in_channels, 1)
         self.patch_size = cfg.patch_size
+
+    @property
+    def last_layer(self) -> nn.Conv2d:
+        """The layer that writes the pixels (the GAN's adaptive weight compares gradients there)."""
+        return getattr(self, "pixel_out", self.conv_out)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-        return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), self.patch_size)
+        x = F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), self.patch_size)
+        return self.pixel_out(F.silu(x)) if hasattr(self, "pixel_out") else x
 
 
 class VectorQuantizer(nn.Module):
