@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from mars_tokenizer import VQGANConfig, VQGANModule, VQTokenizer
-from mars_tokenizer.losses import LPIPS, PatchDiscriminator
+from mars_tokenizer.losses import LPIPS, PatchDiscriminator, hinge_g_loss
 
 
 class Squares(Dataset):
@@ -90,9 +90,23 @@ def test_discriminator_waits_for_disc_start_and_can_be_off(tmp_path):
 
 
 def test_adversarial_weight_reads_the_pixel_layer(tmp_path):
+    """With per-pixel layers the layer that writes the pixels is pixel_out, not conv_out."""
+    torch.manual_seed(0)
     module = build_module(vqgan=VQGANConfig.from_preset("tiny", patch_size=2, pixel_channels=4), disc_start=0)
-    trainer = fit(module, tmp_path, steps=2)
-    assert trainer.callback_metrics["train/adaptive_weight"] > 0
+    x = Squares(4).images * 1.0
+    rec = module.vqgan(x)["reconstruction"]
+    rec_loss, _ = module.reconstruction_loss(x, rec)
+    gan_loss = hinge_g_loss(module.discriminator(rec))
+
+    def ratio(layer):
+        grads = [torch.autograd.grad(loss, layer.weight, retain_graph=True)[0].norm() for loss in (rec_loss, gan_loss)]
+        return grads[0] / (grads[1] + 1e-4)
+
+    decoder = module.vqgan.decoder
+    weight = module.adaptive_weight(rec_loss, gan_loss)
+    torch.testing.assert_close(weight, ratio(decoder.pixel_out))
+    assert not torch.allclose(weight, ratio(decoder.conv_out))
+    assert fit(module, tmp_path, steps=2).callback_metrics["train/adaptive_weight"] > 0
 
 
 def test_training_reduces_the_reconstruction_error(tmp_path):
