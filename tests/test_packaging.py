@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# superres builds on semvie, which is not on PyPI: the sibling is installed from the tree too.
+# Siblings are not on PyPI: a package's MARS dependencies (core; semvie for superres) are installed from the tree too.
 INSTALL = {
-    "tokenizer": ["packages/tokenizer"],
-    "semvie": ["packages/semvie"],
+    "core": ["packages/core"],
+    "tokenizer": ["packages/core", "packages/tokenizer"],
+    "semvie": ["packages/core", "packages/semvie"],
     "data": ["packages/data"],
-    "superres": ["packages/semvie", "packages/superres"],
+    "superres": ["packages/core", "packages/semvie", "packages/superres"],
 }
 
 

@@ -31,10 +31,8 @@ Design choices:
 - **Optimizer**: AdamW over the trainable weights only; no weight decay on norms, biases and
   embeddings; the new parts (visual and image-position embeddings, vision head) may get a larger learning rate
   (``new_params_lr_scale``): they start from nothing while the experts start as copies of the
-  text weights. Linear warm-up over ``warmup_ratio`` of the steps, then cosine decay to
-  ``min_lr_ratio`` of the peak. With ``trainer.max_time`` the schedule follows whichever of
-  the two budgets (steps, time) runs out first, so a run cut by its time limit (a laptop
-  demo) still ends decayed rather than at its peak learning rate.
+  text weights. The schedule is ``mars_core.schedule``'s (warm-up over ``warmup_ratio`` of
+  the run, cosine decay to ``min_lr_ratio`` of the peak, following ``trainer.max_time`` too).
 - **EMA** of the trainable weights (``ema_decay``; None: off), updated after every optimizer
   step, kept in fp32 and saved in checkpoints. Evaluation and export use the EMA weights. EMA
   needs whole parameters: under DeepSpeed ZeRO-3 (sharded parameters) it is off and the raw
@@ -53,7 +51,6 @@ Design choices:
 from __future__ import annotations
 
 import json
-import math
 import random
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,9 +58,9 @@ from typing import Callable
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_info
 
+from mars_core.schedule import warmup_cosine_scheduler
 from mars_app.lm_corpus import parse_restatement, restate_caption
 from mars_app.pipeline import MarsPipeline, parse_resolution
 from mars_semvie import SemVIEForCausalLM
@@ -230,20 +227,8 @@ class TextToImageModule(L.LightningModule):
         optimizer = self.optimizer([g for g in groups if g["params"]])
         for group in optimizer.param_groups:
             group["lr"] *= group.pop("lr_scale", 1.0)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = max(1, int(self.warmup_ratio * total))
-        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer) and c._duration), None)
-
-        def lr_factor(step: int) -> float:
-            # with trainer.max_time, the schedule follows whichever budget (steps, time) runs out first
-            done = max(step / total, timer.time_elapsed("train") / timer._duration if timer else 0.0)
-            if done < self.warmup_ratio and step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (done - self.warmup_ratio) / max(1e-8, 1 - self.warmup_ratio))
-            return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * max(0.0, progress)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        schedule = warmup_cosine_scheduler(optimizer, self.trainer, warmup_ratio=self.warmup_ratio, min_lr_ratio=self.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     # ------------------------------------------------------------------------------- EMA
     def _sharded(self) -> bool:

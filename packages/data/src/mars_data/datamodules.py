@@ -100,6 +100,9 @@ class ShardDataModule(L.LightningDataModule):
             batches_per_worker=batches_per_worker,
             **self.decoding,
         )
+        if batches_per_worker is not None:
+            # a declared length: Lightning (and mars_core's schedule) then know the epoch's steps
+            pipeline = pipeline.with_length(batches_per_worker * max(1, self.num_workers))
         return self._loader(pipeline)
 
     def val_dataloader(self) -> DataLoader | list:

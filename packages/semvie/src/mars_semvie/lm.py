@@ -21,6 +21,8 @@ from typing import Callable
 import lightning as L
 import torch
 
+from mars_core.schedule import warmup_cosine_scheduler
+
 
 class CausalLMModule(L.LightningModule):
     def __init__(
@@ -74,17 +76,8 @@ class CausalLMModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = self.optimizer(self.parameters())
-        total = max(1, self.trainer.estimated_stepping_batches)
-        warmup = max(1, int(self.warmup_ratio * total))
-
-        def lr_factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        schedule = warmup_cosine_scheduler(optimizer, self.trainer, warmup_ratio=self.warmup_ratio, min_lr_ratio=self.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     def on_train_end(self) -> None:
         if self.export_dir and self.trainer.is_global_zero:

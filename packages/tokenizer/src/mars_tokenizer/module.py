@@ -18,7 +18,7 @@ Design choices
   (rank 0 decides, the new codebook is broadcast); FSQ's implicit codebook needs none. ``train/codebook_live`` is the share of live codes,
   ``val/codebook_usage`` the share of codes used over the validation set.
 - **Schedule.** Linear warm-up over ``warmup_steps``, then (with ``min_lr_ratio`` set) cosine
-  decay to that fraction of the peak at ``trainer.max_steps`` (torch's own schedulers): the last
+  decay to that fraction of the peak at the run's end (``mars_core.schedule``, shared by every stage): the last
   steps at a low learning rate sharpen edges, which the shapes world's scoring needs.
 - **Channels-last** weights and images while training: the same convolutions, about 8% faster
   on a CPU (oneDNN); the saved tokenizer holds ordinary contiguous tensors.
@@ -36,6 +36,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from mars_core.schedule import warmup_cosine_scheduler
 from mars_tokenizer.losses import LPIPS, PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from mars_tokenizer.tokenizer import VQTokenizer
 from mars_tokenizer.vqgan import VectorQuantizer, VQGANConfig, codebook_perplexity
@@ -86,17 +87,12 @@ class VQGANModule(L.LightningModule):
         if self.discriminator is not None:
             groups.append({"params": list(self.discriminator.parameters())})
         optimizer = self.optimizer_factory(groups)
-        hp, total = self.hparams, self.trainer.max_steps
+        hp = self.hparams
         if hp.min_lr_ratio is None and not hp.warmup_steps:
             return optimizer
-        warmup, peak = max(1, hp.warmup_steps), optimizer.param_groups[0]["lr"]
-        scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / warmup, 1.0, total_iters=warmup)
-        if hp.min_lr_ratio is not None:
-            if total is None or total < 0:
-                raise ValueError("model.min_lr_ratio (cosine decay) needs trainer.max_steps")
-            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, total - warmup), eta_min=peak * hp.min_lr_ratio)
-            scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [scheduler, cosine], milestones=[warmup])
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        ratio = 1.0 if hp.min_lr_ratio is None else hp.min_lr_ratio  # None: constant after the warm-up
+        schedule = warmup_cosine_scheduler(optimizer, self.trainer, warmup_steps=max(1, hp.warmup_steps), min_lr_ratio=ratio)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     def reconstruction_loss(self, x: torch.Tensor, rec: torch.Tensor) -> tuple[torch.Tensor, dict]:
         hp = self.hparams

@@ -1,0 +1,69 @@
+"""Atomic file writing: a reader sees the old file or the complete new one, never a part.
+
+The new content goes to a temporary file in the target's own directory (so the final
+``os.replace`` is a rename on one filesystem, atomic on POSIX), is flushed and fsynced, then
+renamed over the target; the directory is fsynced so the rename survives a power cut. On an
+exception the temporary file is removed. A process killed mid-write leaves a ``.<name>.tmp-*``
+file beside the target; ``remove_stale_temporaries`` clears them on the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+TMP_MARK = ".tmp-"
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. a platform that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; write it in the block; it becomes ``path`` when
+    the block ends without an exception (fsync, rename, fsync of the directory)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Remove the temporary files that killed writers left in ``directory``; returns them."""
+    directory = Path(directory)
+    stale = [p for p in directory.glob(f".*{TMP_MARK}*") if p.is_file()] if directory.is_dir() else []
+    for p in stale:
+        p.unlink()
+    return stale
