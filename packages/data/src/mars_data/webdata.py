@@ -33,6 +33,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from mars_data.images import load_image
+
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
@@ -93,9 +95,7 @@ class SkipCounter:
 def decode_image(data: bytes, image_size: int | None = None) -> torch.Tensor:
     """Image bytes -> FloatTensor[3, H, W] in [-1, 1]; with ``image_size`` the short side is
     resized to it and the centre square cropped."""
-    with Image.open(io.BytesIO(data)) as raw:
-        raw.load()  # decode now: truncated or corrupt data raises here, not later
-        image = raw.convert("RGB")
+    image = load_image(data)  # decoded now: truncated, corrupt or oversized data raises here, not later
     if image_size is not None:
         w, h = image.size
         scale = image_size / min(w, h)
