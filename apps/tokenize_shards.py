@@ -16,7 +16,6 @@ import io
 import logging
 import os
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -25,43 +24,15 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from mars_data.tars import Member, npy_member, read_samples, split_key
 from mars_data.webdata import CODES_KEY, IMAGE_KEYS, decode_image, expand_urls
 from mars_tokenizer import VQTokenizer
 
 log = logging.getLogger(__name__)
 
 
-def split_key(name: str) -> tuple[str, str]:
-    """webdataset's rule: ``dir/abc.codes.npy`` -> (``dir/abc``, ``codes.npy``)."""
-    folder, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext
-
-
-def read_samples(path: str | Path) -> Iterator[tuple[str, list[tuple[tarfile.TarInfo, bytes]]]]:
-    """(key, [(member, data), ...]) for each sample of a tar, members in their stored order."""
-    key, members = None, []
-    with tarfile.open(path) as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            this_key, _ = split_key(info.name)
-            if this_key != key and members:
-                yield key, members
-                members = []
-            key = this_key
-            members.append((info, tar.extractfile(info).read()))
-    if members:
-        yield key, members
-
-
-def codes_member(key: str, codes: torch.Tensor, codebook_size: int) -> tuple[tarfile.TarInfo, bytes]:
-    buffer = io.BytesIO()
-    np.save(buffer, codes.numpy().astype(np.int16 if codebook_size <= 32767 else np.int32))
-    info = tarfile.TarInfo(f"{key}.{CODES_KEY}")
-    info.size = buffer.tell()
-    info.mode = 0o644
-    return info, buffer.getvalue()
+def codes_member(key: str, codes: torch.Tensor, codebook_size: int) -> Member:
+    return npy_member(f"{key}.{CODES_KEY}", codes.numpy().astype(np.int16 if codebook_size <= 32767 else np.int32))
 
 
 class ShardTokenizer:

@@ -13,7 +13,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from apps.tokenize_shards import read_samples, tokenize_shards
+from apps.tokenize_shards import tokenize_shards
+from mars_data.tars import read_samples
 from apps.train import train
 from mars_data import ShardDataModule
 from mars_data.shapes import METRICS, render, score_image, summarize, write_prompts, write_shards
