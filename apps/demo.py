@@ -61,7 +61,7 @@ def demo_steps(cfg: DictConfig, out: Path) -> list[Step | tuple[Step, ...]]:
         (  # the tokenizer, then its codes, beside the text LLM
             [train_step("tokenizer", list(cfg.tokenizer), out),
              Step("codes", lambda: [str(APPS / "tokenize_shards.py"), f"tokenizer={tokenizer}",
-                                    f"input={shapes_train_shards()}", f"output={data / 'shapes_codes' / 'train'}",
+                                    f"input={shapes_train_shards()}", f"output={data / 'shapes_codes' / 'train'}", "resolutions=[64x64]",
                                     f"hydra.run.dir={out / 'codes'}"])],
             train_step("lm", list(cfg.lm), out),
         ),

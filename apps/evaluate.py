@@ -10,7 +10,7 @@ en, zh and all: single_binding, pair_binding, spatial, color, shape, count, miss
 task=captions scores the ``{"image", "caption"}`` rows that ``apps/generate.py task=caption``
 wrote for ``NNNNN.png`` images of the prompt file's scenes (``python -m mars_data.shapes
 render``): a caption is right when it names the scene's colours, shapes and relation
-(``mars_app.t2i.caption_correct``: any grammar form in either language, or a restatement). It
+(``mars_data.shapes.caption_correct``: any grammar form in either language, or a restatement). It
 prints and writes ``caption_summary.json`` (per language and all: accuracy, count) next to the
 captions file (or to ``out``).
 """
@@ -60,7 +60,7 @@ def format_summary(summary: dict) -> str:
 
 def evaluate_captions(cfg: DictConfig) -> dict:
     """Score a captions file against the scenes of the prompt file; returns the summary."""
-    from mars_app.t2i import caption_correct
+    from mars_data.shapes import caption_correct
 
     if not cfg.get("captions"):
         raise ValueError("task=captions needs captions=FILE.jsonl (apps/generate.py task=caption writes it)")

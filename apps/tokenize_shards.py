@@ -1,21 +1,31 @@
-"""Pre-tokenize webdataset shards: ``python apps/tokenize_shards.py tokenizer=DIR input=SHARDS output=DIR``.
+"""Pre-tokenize webdataset shards: ``python apps/tokenize_shards.py tokenizer=DIR input=SHARDS output=DIR resolutions=[256x256]``.
 
 Every shard of ``input`` (a directory of ``*.tar``, a brace pattern or a list) is copied to
 ``output`` under the same file name with one member added per sample: ``<key>.codes.npy``,
 the tokenizer's codes of the sample's image (int16 h x w, int32 for codebooks above 32767
 codes). All original members are kept, so the output serves both image and code-only
-training (``mars_data.ShardDataModule(load_codes=True, load_images=False)``). Images of any
-size that is a multiple of the tokenizer's downsampling factor are encoded at their stored
-size; samples without an image, or with one that cannot be encoded, are copied without codes
-and counted. Each shard is written to a temporary name and renamed when complete.
+training (``mars_data.ShardDataModule(load_codes=True, load_images=False)``).
+
+Images are prepared exactly as training prepares them (``mars_data.images.prepare_image``):
+fitted to the nearest of ``resolutions`` (resize to cover, centre crop): stage I's one square
+size (the paper: ``[256x256]``), or stage II's sizes (short side 256, aspect ratios up to 2).
+So every code grid in the output is a size the model trains on; nothing is left to the
+images' stored sizes.
+
+Bad data never stops the job: a sample whose image cannot be read (corrupt, truncated, a
+decompression bomb) is copied without codes, and a shard that cannot be read is left out;
+both are counted per reason with their shard and key, and reported at the end
+(``tokenize_report.json`` in ``output``). Each shard is written to a temporary file beside its
+target and renamed when complete, so a finished shard is never partial; a rerun skips the
+shards already written (resume after an interruption) and clears temporaries a kill left.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import os
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import hydra
@@ -24,11 +34,14 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from mars_core.io import atomic_path, remove_stale_temporaries, write_json_atomic
+from mars_data.images import ImageError, parse_resolution
 from mars_data.tars import Member, npy_member, read_samples, split_key
 from mars_data.webdata import CODES_KEY, IMAGE_KEYS, decode_image, expand_urls
 from mars_tokenizer import VQTokenizer
 
 log = logging.getLogger(__name__)
+REPORT = "tokenize_report.json"
 
 
 def codes_member(key: str, codes: torch.Tensor, codebook_size: int) -> Member:
@@ -36,12 +49,24 @@ def codes_member(key: str, codes: torch.Tensor, codebook_size: int) -> Member:
 
 
 class ShardTokenizer:
-    """Adds codes to the samples of shards, encoding images in same-size batches."""
+    """Adds codes to the samples of shards, encoding prepared images in same-size batches."""
 
-    def __init__(self, tokenizer: VQTokenizer, batch_size: int):
+    def __init__(self, tokenizer: VQTokenizer, resolutions: list[tuple[int, int]], batch_size: int):
+        for width, height in resolutions:
+            if width % tokenizer.downsample or height % tokenizer.downsample:
+                raise ValueError(f"resolution {width}x{height} is not a multiple of the tokenizer's downsampling {tokenizer.downsample}")
         self.tokenizer = tokenizer
+        self.resolutions = resolutions
         self.batch_size = batch_size
-        self.without_codes = 0
+        self.skipped: Counter = Counter()  # reason -> samples or shards
+        self.examples: dict[str, list[str]] = {}  # reason -> the first "shard/key"s
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] += 1
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < 20:
+            self.examples[reason].append(where)
+        log.warning("%s: %s", where, reason)
 
     def encode_batch(self, samples: list[tuple[str, list, torch.Tensor | None]]) -> list[list]:
         """Members of each sample plus its codes member (images grouped by size)."""
@@ -50,25 +75,27 @@ class ShardTokenizer:
         for i, (_, _, image) in enumerate(samples):
             if image is not None:
                 by_size.setdefault(tuple(image.shape), []).append(i)
-        for size, indices in by_size.items():
-            try:
-                encoded = self.tokenizer.encode(torch.stack([samples[i][2] for i in indices]))
-            except ValueError as error:  # e.g. a size that is not a multiple of the factor
-                log.warning("%d images of size %s left without codes: %s", len(indices), size, error)
-                continue
+        for indices in by_size.values():
+            encoded = self.tokenizer.encode(torch.stack([samples[i][2] for i in indices]))
             codes.update(zip(indices, encoded.cpu()))
-        out = []
-        for i, (key, members, _) in enumerate(samples):
-            if i in codes:
-                members = members + [codes_member(key, codes[i], self.tokenizer.codebook_size)]
-            else:
-                self.without_codes += 1
-            out.append(members)
-        return out
+        return [
+            members + [codes_member(key, codes[i], self.tokenizer.codebook_size)] if i in codes else members
+            for i, (key, members, _) in enumerate(samples)
+        ]
 
-    def tokenize_shard(self, source: str | Path, target: Path, bar: tqdm) -> None:
-        tmp = target.with_name(target.name + ".tmp")
-        with tarfile.open(tmp, "w") as out:
+    def prepare(self, source: str, key: str, members: list[Member]) -> torch.Tensor | None:
+        image = next((data for info, data in members if split_key(info.name)[1].lower() in IMAGE_KEYS), None)
+        if image is None:
+            self.skip("no image member", f"{source}/{key}")
+            return None
+        try:
+            return decode_image(image, self.resolutions)
+        except ImageError as error:
+            self.skip(f"unreadable image ({str(error).split(': ', 1)[-1]})", f"{source}/{key}")
+            return None
+
+    def tokenize_shard(self, source: str, target: Path, bar: tqdm) -> None:
+        with atomic_path(target) as tmp, tarfile.open(tmp, "w") as out:
             pending: list = []
 
             def flush() -> None:
@@ -80,36 +107,52 @@ class ShardTokenizer:
 
             for key, members in read_samples(source):
                 members = [(info, data) for info, data in members if split_key(info.name)[1] != CODES_KEY]
-                image = next((data for info, data in members if split_key(info.name)[1].lower() in IMAGE_KEYS), None)
-                try:
-                    pending.append((key, members, None if image is None else decode_image(image)))
-                except OSError as error:
-                    log.warning("sample %s of %s: image not decodable (%s)", key, source, error)
-                    pending.append((key, members, None))
+                pending.append((key, members, self.prepare(source, key, members)))
                 if len(pending) == self.batch_size:
                     flush()
             flush()
-        os.replace(tmp, target)
 
 
 def tokenize_shards(cfg: DictConfig) -> list[Path]:
-    """Copy the shards of cfg.input to cfg.output adding codes; returns the written shards."""
+    """Copy the shards of cfg.input to cfg.output adding codes; returns the shards in output."""
+    if not cfg.get("resolutions"):
+        raise ValueError("set resolutions: the sizes images are prepared to, e.g. resolutions=[256x256] (stage I)")
+    resolutions = [parse_resolution(r) for r in cfg.resolutions]
     tokenizer = VQTokenizer.from_pretrained(cfg.tokenizer, device=cfg.device)
     sources = expand_urls(cfg.input)
     output = Path(cfg.output)
-    output.mkdir(parents=True, exist_ok=True)
     names = [Path(s).name for s in sources]
     if len(set(names)) != len(names):
         raise ValueError(f"input shards share file names; they would overwrite each other in {output}")
-    worker = ShardTokenizer(tokenizer, cfg.batch_size)
-    written = []
+    output.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(output)
+    worker = ShardTokenizer(tokenizer, resolutions, cfg.batch_size)
+    written, resumed = [], 0
     with tqdm(desc="tokenizing", unit="sample") as bar:
         for source, name in zip(sources, names):
-            worker.tokenize_shard(source, output / name, bar)
-            written.append(output / name)
-    if worker.without_codes:
-        log.warning("%d samples were copied without codes", worker.without_codes)
-    log.info("wrote %d shards to %s", len(written), output)
+            target = output / name
+            if target.exists():  # written whole by an earlier run (atomic rename)
+                resumed += 1
+                written.append(target)
+                continue
+            try:
+                worker.tokenize_shard(source, target, bar)
+            except (OSError, tarfile.TarError, EOFError) as error:
+                worker.skip(f"unreadable shard ({type(error).__name__}: {error})", source)
+                continue
+            written.append(target)
+    report = {
+        "shards_in": len(sources),
+        "shards_written": len(written) - resumed,
+        "shards_already_there": resumed,
+        "resolutions": list(cfg.resolutions),
+        "skipped": dict(worker.skipped),
+        "skipped_examples": worker.examples,
+    }
+    write_json_atomic(output / REPORT, report)
+    if worker.skipped:
+        log.warning("skipped: %s (details in %s)", dict(worker.skipped), output / REPORT)
+    log.info("%d shards in %s (%d already there)", len(written), output, resumed)
     return written
 
 

@@ -61,7 +61,7 @@ def test_evaluate_writes_to_out_and_refuses_unknown_tasks(make_cfg, generated, t
 
 def test_evaluate_captions_per_language(make_cfg, generated, tmp_path):
     prompts_file, _, prompts = generated
-    from mars_app.lm_corpus import restatement
+    from mars_data.shapes import restatement
 
     captions = [p["prompt"] for p in prompts]  # the prompt itself: right
     captions[1] = restatement(prompts[1]["scene"])  # a restatement: right
@@ -106,7 +106,7 @@ def test_shapes_data_config_generates_and_batches(make_cfg):
 
 def test_shards_data_config_reads_a_shard_directory(make_cfg, tmp_path):
     write_shards(tmp_path / "real", 12, seed=0, size=48, processes=1, progress=False)
-    cfg = make_cfg(["data=shards", f"data.train_shards={tmp_path / 'real'}", "data.image_size=32", "data.num_workers=0"])
+    cfg = make_cfg(["data=shards", f"data.train_shards={tmp_path / 'real'}", "data.resolutions=[32x32]", "data.num_workers=0"])
     datamodule = hydra.utils.instantiate(cfg.data)
     (batch,) = list(datamodule.train_dataloader())
     assert batch["image"].shape == (12, 3, 32, 32)

@@ -1,5 +1,5 @@
 """App level of SemVIE: apps/inspect_model.py on the Qwen-7B-size config, and the shapes
-world's text LLM pretrained by `apps/train.py experiment=shapes_lm` and loaded by path."""
+world's text LLM pretrained by `apps/train.py experiment=shapes_lm` (the restatement corpus) and loaded by path."""
 
 from __future__ import annotations
 
@@ -35,15 +35,15 @@ def test_shapes_lm_experiment_pretrains_and_exports_a_qwen_style_checkpoint(make
         "logger=csv",
         "trainer.max_steps=4",
         "trainer.val_check_interval=2",
-        "data.make_missing.0.python.4=3000",  # --num: a smaller corpus than the experiment's
-        "data.make_missing.1.python.4=500",
+        "data.make_missing.0.python.3=3000",  # --num: a smaller corpus than the experiment's
+        "data.make_missing.1.python.3=500",
         "model.config.hidden_size=32",
         "model.config.intermediate_size=64",
         "model.config.num_hidden_layers=1",
         "model.config.num_attention_heads=2",
         "model.config.num_key_value_heads=2",
     ])
-    metrics = train(cfg)  # writes the caption corpus with mars_data first (make_missing)
+    metrics = train(cfg)  # writes the restatement corpus first (make_missing)
     assert Path(cfg.data.train_files[0]).exists() and Path(cfg.data.val_files[0]).exists()
     assert metrics["global_step"] == 4 and metrics["val/ppl"] > 1
     llm_dir = Path(cfg.paths.output_dir) / "llm"

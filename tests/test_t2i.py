@@ -21,15 +21,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
 from apps.tokenize_shards import tokenize_shards
 from apps.train import train
-from mars_app.lm_corpus import corpus_text, parse_restatement, restate_caption, restatement
+from mars_app.lm_corpus import corpus_text
 from mars_app.pipeline import MarsPipeline
-from mars_app.t2i import caption_correct
 from mars_data import shapes
+from mars_data.shapes import caption_correct, parse_restatement, restate_caption, restatement
 from mars_semvie.text import qwen_tokenizer
 from mars_tokenizer import VQGANConfig, VQTokenizer
 from tests.test_train import run_cli
 
-EVAL = ["model.evaluation.num=8", "model.evaluation.periodic_num=4", "model.evaluation.batch_size=8"]
+EVAL = ["model.evaluator.num=8", "model.evaluator.periodic_num=4", "model.evaluator.batch_size=8"]
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +56,9 @@ def tiny_overrides(checkpoints, tmp_path, experiment="shapes_stage1") -> list[st
         f"experiment={experiment}",
         f"model.llm_path={checkpoints['llm']}",
         f"model.tokenizer_path={checkpoints['vq']}",
-        f"model.evaluation.prompts={tmp_path / 'eval.jsonl'}",
+        f"model.evaluator.prompts={tmp_path / 'eval.jsonl'}",
         "data.batch_size=8",
+        "model.resolutions=[16x16]",
         "trainer.max_time=null",
         *EVAL,
     ]
@@ -65,10 +66,10 @@ def tiny_overrides(checkpoints, tmp_path, experiment="shapes_stage1") -> list[st
 
 def test_stage1_from_pretokenized_codes_fits_evaluates_and_exports(make_cfg, checkpoints, tmp_path):
     codes = tmp_path / "codes"
-    tokenize_shards(OmegaConf.create(dict(tokenizer=str(checkpoints["vq"]), input=str(checkpoints["shards"]), output=str(codes), batch_size=32, device="cpu")))
+    tokenize_shards(OmegaConf.create(dict(tokenizer=str(checkpoints["vq"]), input=str(checkpoints["shards"]), output=str(codes), batch_size=32, device="cpu", resolutions=["16x16"])))
     cfg = make_cfg([
         *tiny_overrides(checkpoints, tmp_path), f"data.train_shards={codes}", "data.num_workers=0",
-        "model.resolutions=[16x16]", "model.evaluation.every_n_steps=2", "trainer.max_steps=4",
+        "model.evaluator.every_n_steps=2", "trainer.max_steps=4",
     ])
     metrics = train(cfg)
     assert metrics["global_step"] == 4
@@ -129,7 +130,7 @@ def test_sequences_of_a_batch_follow_the_task_mix(make_cfg, checkpoints, tmp_pat
 
 def test_a_plan_restates_the_caption_before_the_image(make_cfg, checkpoints, tmp_path):
     module = build_module(make_cfg, checkpoints, tmp_path, "model.task_mix.caption=0", "model.uncond_prob=0")
-    assert module.plan == "restatement" and module.pipeline().plan
+    assert module.plan("a red circle") == "red circle" and module.pipeline().plan
     batch = image_batch(4)
     sequences = module.sequences(batch, random.Random(0))
     eot = module.text_tokenizer.convert_tokens_to_ids("<|endoftext|>")
@@ -199,7 +200,7 @@ def test_deepspeed_zero3_two_cpu_processes_fit_save_and_resume(checkpoints, tmp_
         "experiment=shapes_stage1", f"model.llm_path={checkpoints['llm']}", f"model.tokenizer_path={checkpoints['vq']}",
         f"data.train_shards={checkpoints['shards']}", "data.load_images=true", "data.load_codes=false",
         "data.resampled=true", "data.samples_per_epoch=64", "data.batch_size=8", "data.num_workers=0",
-        "model.evaluation=null", "model.resolutions=[16x16]", "trainer.max_time=null",
+        "model.evaluator=null", "model.resolutions=[16x16]", "trainer.max_time=null",
         "trainer=deepspeed_zero3", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
     ]
     run_cli([*args, "trainer.max_steps=3", "callbacks.model_checkpoint.every_n_train_steps=3", "hydra.run.dir=first"], cwd=tmp_path)

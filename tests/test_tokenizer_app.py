@@ -70,7 +70,8 @@ def test_tokenize_shards_adds_the_codes_of_every_image(make_cfg, tmp_path):
     write_shards(tmp_path / "shards", 20, seed=3, size=16, aspect_ratios=("1:1", "2:1"),
                  samples_per_shard=8, processes=1, progress=False)
     cfg = make_cfg(
-        [f"tokenizer={tmp_path / 'tok'}", f"input={tmp_path / 'shards'}", f"output={tmp_path / 'codes'}", "batch_size=4"],
+        [f"tokenizer={tmp_path / 'tok'}", f"input={tmp_path / 'shards'}", f"output={tmp_path / 'codes'}", "batch_size=4",
+         "resolutions=[16x16,32x16]"],
         config_name="tokenize_shards",
     )
     written = tokenize_shards(cfg)

@@ -20,8 +20,7 @@ import random
 
 import torch
 
-from mars_app.lm_corpus import restatement
-from mars_data.shapes import sample_record
+from mars_data.shapes import restatement, sample_record
 from mars_semvie.sequences import encode_prompt
 
 

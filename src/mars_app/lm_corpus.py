@@ -3,11 +3,9 @@
     python -m mars_app.lm_corpus --num 50000 --seed 6001 --out data/lm_corpus/train.jsonl
 
 Each row's ``prompt`` is a caption of the world (both languages, every grammar form), then
-``<|endoftext|>``, then a canonical English restatement of the scene in reading order of the
-image: the left object first for a horizontal relation, the top object first for a vertical
-one ("a yellow circle right of one blue square" -> "blue square left of yellow circle";
-"一个红色的圆形在一个绿色的三角形的下面" -> "green triangle above red circle"; one object:
-"red circle").
+``<|endoftext|>``, then the scene's layout restatement in the image's reading order
+(``mars_data.shapes.restatement``: "a yellow circle right of one blue square" -> "blue square
+left of yellow circle").
 
 Why. MARS keeps the text LLM frozen, so the visual expert can only read what the LLM's hidden
 states already hold. An LM trained on captions alone never has to work out which object is
@@ -17,7 +15,9 @@ through frozen keys and values. Trained to continue a caption with its restateme
 must compute the layout, and its state at the ``<|endoftext|>`` that closes the caption must
 predict the first object in reading order: exactly the binding the image needs. At
 text-to-image time the prompt is still the plain caption framed by ``<|endoftext|>``
-(mars_semvie.sequences), so nothing is added to what the user types.
+(mars_semvie.sequences), so nothing is added to what the user types. The prompt format
+(resolution, then caption) is ``mars_semvie.sequences.prompt_text``: the corpus is written here,
+beside the training code, so the two cannot drift apart.
 
 ``--resolutions 64x64,96x64`` writes a resolution before a share of the captions (stage II
 prompts, ``mars_semvie.sequences.prompt_text``) so that the LM has seen them.
@@ -32,45 +32,9 @@ import random
 import sys
 from pathlib import Path
 
-from mars_data.shapes import COLORS, SHAPES, parse_caption, sample_record
+from mars_data.shapes import restatement, sample_record
 from mars_semvie.sequences import prompt_text
 from mars_semvie.text import ENDOFTEXT
-
-# relation -> (the object read first is A, the canonical relation word)
-CANONICAL = {"left of": (True, "left of"), "right of": (False, "left of"), "above": (True, "above"), "below": (False, "above")}
-
-
-def restatement(scene: dict) -> str:
-    """The scene in the image's reading order, in canonical English."""
-    objects = [f"{o['color']} {o['shape']}" for o in scene["objects"]]
-    if len(objects) == 1:
-        return objects[0]
-    a_first, word = CANONICAL[scene["relation"]]
-    first, second = objects if a_first else objects[::-1]
-    return f"{first} {word} {second}"
-
-
-def restate_caption(caption: str) -> str:
-    """The restatement of a caption of the world's grammar (either language)."""
-    return restatement(parse_caption(caption)["scene"])
-
-
-def parse_restatement(text: str) -> dict:
-    """The scene of a restatement ("blue square left of yellow circle"); ValueError if it is none."""
-    words = text.split()
-
-    def thing(color: str, shape: str) -> dict:
-        if color not in COLORS or shape not in SHAPES:
-            raise ValueError(f"{text!r} is not a restatement")
-        return {"color": color, "shape": shape}
-
-    if len(words) == 2:
-        return {"objects": [thing(*words)]}
-    relation = " ".join(words[2:-2])
-    if len(words) < 5 or relation not in {word for _, word in CANONICAL.values()}:
-        raise ValueError(f"{text!r} is not a restatement")
-    return {"objects": [thing(*words[:2]), thing(*words[-2:])], "relation": relation}
-
 
 def corpus_text(record: dict, resolution: tuple[int, int] | None = None) -> str:
     """One pretraining text: the caption (with its resolution), end of text, the restatement."""

@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from mars_data.images import parse_resolution
 from mars_semvie import SemVIEForCausalLM
 from mars_semvie.sampling import generate as sample_tokens
 from mars_semvie.sequences import (
@@ -72,17 +73,6 @@ class SamplingDefaults:
     temperature: float = 0.0  # 0 = greedy (DESIGN.md: greedy beat top-k 32 on the shapes world)
     top_k: int = 0  # 0 = no top-k cut
     top_p: float = 1.0  # 1 = no nucleus cut
-
-
-def parse_resolution(resolution: str | Sequence[int]) -> tuple[int, int]:
-    """``"96x64"`` or ``(96, 64)`` -> (width, height)."""
-    if isinstance(resolution, str):
-        parts = resolution.lower().split("x")
-        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-            raise ValueError(f"resolution {resolution!r} is not WIDTHxHEIGHT in pixels, e.g. 96x64")
-        return int(parts[0]), int(parts[1])
-    width, height = resolution
-    return int(width), int(height)
 
 
 class MarsPipeline:

@@ -7,27 +7,25 @@ mars_data datamodules: pre-tokenized codes (``batch["codes"]``) or images encode
 with the VQ tokenizer (``tokenizer_path``). Sequences come from ``mars_semvie.sequences``.
 
 Design choices:
-- **Task mix per sample.** Each sample becomes a text-to-image sequence or a captioning
-  sequence, drawn with the probabilities of ``task_mix``; a text-to-image prompt is dropped to
-  the unconditional prompt with probability ``uncond_prob`` (classifier-free guidance). The
-  draws come from a generator seeded by (seed, step, rank): a resumed run repeats them.
-- **Caption targets** (``caption_target``): the sample's caption, or (``restatement``, the
-  shapes world) its layout restatement in reading order, the text the shapes LLM was
-  pretrained to write after a caption (``mars_app.lm_corpus``). The frozen text expert then
-  continues an image with an output it already knows how to produce: with the raw captions
-  (any of the grammar's forms) it gave every image the same caption (docs/LOG.md).
-- **Plan** (``plan``; ``restatement``, the shapes world): a text-to-image prompt continues
-  with the caption's layout restatement, the text the shapes LLM was pretrained to write after
-  a caption, before ``<image_start>`` (``mars_semvie.sequences``); at generation the model
-  writes it itself (text only: exactly the frozen LLM's continuation). The image then reads the
-  objects in its reading order from explicit tokens (docs/LOG.md). Unconditional prompts
-  have no plan.
+- **A generic core; worlds are plugins.** The module knows no data world. What a
+  text-to-image prompt's plan is (``plan``: text the frozen LLM writes between the prompt and
+  the image), what captioning learns to write (``caption_target``) and how generations are
+  scored (``evaluator``) are injected by configuration: callables, or None. The shapes world's
+  are in ``mars_data.shapes`` (conf/model/shapes_t2i.yaml: its layout restatement as plan and
+  caption target, its detector as evaluator); the paper's stages use none of them.
+- **Sequences are built in the DataLoader workers** (``mars_semvie.sequences.SequenceBuilder``,
+  handed to the datamodule in ``setup``): task draws (``task_mix``), classifier-free guidance
+  drops (``uncond_prob``), prompt ids and layouts. The training process only runs the model.
+  Batches of images (no pre-tokenized codes) are encoded here with the VQ tokenizer and built
+  with the same builder.
 - **Loss only on the targets** of each layout (image tokens; caption tokens and their eot),
   one cross-entropy over every target of the batch.
-- **Stage II** (``resolution_in_prompt``): the image's size (its code grid times the
-  tokenizer's downsampling) is written into the prompt and rows end with ``<image_row_end>``;
-  batches are uniform in size (the datamodules bucket them), sequences of different sizes in
-  different batches.
+- **Resolutions** (``resolutions``, "WxH"): the sizes the model trains on; the datamodules fit
+  images to the nearest (``mars_data.images.prepare_image``) and a batch of codes of any other
+  grid is skipped and counted. The sizes actually trained on are collected (and checkpointed)
+  and exported, so generation accepts exactly them. Stage II (``resolution_in_prompt``): the
+  image's size is written into the prompt and rows end with ``<image_row_end>``; batches are
+  uniform in size (the datamodules bucket them).
 - **Optimizer**: AdamW over the trainable weights only; no weight decay on norms, biases and
   embeddings; the new parts (visual and image-position embeddings, vision head) may get a larger learning rate
   (``new_params_lr_scale``): they start from nothing while the experts start as copies of the
@@ -37,20 +35,18 @@ Design choices:
   step, kept in fp32 and saved in checkpoints. Evaluation and export use the EMA weights. EMA
   needs whole parameters: under DeepSpeed ZeRO-3 (sharded parameters) it is off and the raw
   weights are exported.
-- **Evaluation** (``evaluation``): generate the images of a held-out prompt file with the
-  current (EMA) weights, score them with the shapes world's scorer and log
-  ``eval/<lang>_<metric>`` every ``every_n_steps`` and at the end of training (the final
-  numbers are put into ``trainer.callback_metrics``, which apps/train.py writes to
-  metrics.json and sweeps tabulate). Generation is greedy with guidance ``cfg_scale``.
-  Captioning is evaluated on the rendered scenes of the same file: ``eval/caption`` is the
-  share of captions (either language) that name the right objects and relation.
+- **Validation**: the same next-token loss on held-out shards (``data.val_shards``) with fixed
+  task draws, logged as ``val/loss`` at Lightning's validation interval; in every stage.
+- **Evaluation** (``evaluator``, a task plugin): called with the generation pipeline of the
+  current (EMA) weights every ``evaluator.every_n_steps`` (on ``evaluator.periodic_num``
+  prompts) and at the end of training; its metrics are logged and put into
+  ``trainer.callback_metrics``, which apps/train.py writes to metrics.json and sweeps tabulate.
 - **Export**: at the end of training a MARS checkpoint directory (``mars_app.pipeline``:
   SemVIE weights, VQ tokenizer, text tokenizer, defaults) is written to ``export_dir``.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,11 +56,11 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from mars_app.pipeline import MarsPipeline
 from mars_core.schedule import warmup_cosine_scheduler
-from mars_app.lm_corpus import parse_restatement, restate_caption
-from mars_app.pipeline import MarsPipeline, parse_resolution
+from mars_data.images import parse_resolution
 from mars_semvie import SemVIEForCausalLM
-from mars_semvie import sequences as seq
+from mars_semvie.sequences import SequenceBuilder
 
 NEW_PARTS = ("visual_embed", "image_position", "vision_head")  # SemVIE parameters that start from nothing
 
@@ -79,8 +75,9 @@ class TextToImageModule(L.LightningModule):
         image_positions: int = 0,  # learned offsets of image tokens from <image_start> (SemVIEConfig); 0: none
         num_visual_codes: int | None = None,  # None: the VQ tokenizer's codebook size
         task_mix: dict | None = None,  # {"t2i": p, "caption": q}, normalised
-        caption_target: str = "caption",  # or "restatement" (the shapes world): what captioning learns to write
-        plan: str | None = None,  # "restatement" (the shapes world): the LLM writes the layout before the image
+        caption_target: Callable[[str], str] | None = None,  # caption -> what captioning writes (None: the caption)
+        plan: Callable[[str], str] | None = None,  # caption -> the text the LLM writes before the image (None: no plan)
+        evaluator: Callable[..., dict] | None = None,  # (pipeline, num) -> metrics, e.g. mars_data.shapes.ShapesEvaluator
         uncond_prob: float = 0.1,
         resolution_in_prompt: bool = False,  # stage II: resolution in the prompt, row ends
         resolutions: list[str] = ("64x64",),  # "WxH" the model draws (exported); the first is evaluated
@@ -90,7 +87,6 @@ class TextToImageModule(L.LightningModule):
         new_params_lr_scale: float = 1.0,
         ema_decay: float | None = 0.999,
         init_from: str | None = None,  # a SemVIE directory whose visual weights to start from (stage II)
-        evaluation: dict | None = None,  # see the module docstring and conf/model/shapes_t2i.yaml
         export_dir: str | None = None,
         seed: int = 0,
     ):
@@ -104,8 +100,11 @@ class TextToImageModule(L.LightningModule):
         # the VQ tokenizer is frozen and not part of the trained module (no checkpoint, no sharding)
         self._vq = [VQTokenizer.from_pretrained(tokenizer_path).eval().requires_grad_(False)]
         codes = num_visual_codes or self.vq.codebook_size
-        if codes < self.vq.codebook_size:
-            raise ValueError(f"num_visual_codes={codes} < the VQ tokenizer's codebook ({self.vq.codebook_size})")
+        if codes != self.vq.codebook_size:
+            raise ValueError(
+                f"model.num_visual_codes={codes} but the VQ tokenizer at {tokenizer_path} has "
+                f"{self.vq.codebook_size} codes: leave it null to take the tokenizer's"
+            )
         self.model = SemVIEForCausalLM.from_llm(llm, codes, visual_expert=visual_expert, image_positions=image_positions)
         if init_from:
             self.load_semvie_weights(init_from)
@@ -115,26 +114,33 @@ class TextToImageModule(L.LightningModule):
         unknown = set(mix) - {"t2i", "caption"}
         if unknown or not sum(mix.values()) > 0:
             raise ValueError(f"task_mix needs positive shares of 't2i' / 'caption', got {mix}")
-        self.caption_prob = mix.get("caption", 0.0) / sum(mix.values())
-        if caption_target not in ("caption", "restatement"):
-            raise ValueError(f"caption_target must be 'caption' or 'restatement', got {caption_target!r}")
-        self.caption_target = caption_target
-        if plan not in (None, "restatement"):
-            raise ValueError(f"plan must be null or 'restatement', got {plan!r}")
-        self.plan = plan
-        self.uncond_prob = uncond_prob
-        self.resolution_in_prompt = resolution_in_prompt
         self.resolutions = list(resolutions)
+        sizes = [parse_resolution(r) for r in self.resolutions]
+        self.plan = plan
+        self.builder_options = dict(
+            text_tokenizer=self.text_tokenizer,
+            vocab=self.vocab,
+            downsample=self.vq.downsample,
+            grids=[(h // self.vq.downsample, w // self.vq.downsample) for w, h in sizes],
+            caption_prob=mix.get("caption", 0.0) / sum(mix.values()),
+            uncond_prob=uncond_prob,
+            plan=plan,
+            caption_target=caption_target,
+            resolution_in_prompt=resolution_in_prompt,
+            seed=seed,
+        )
+        self.builder = SequenceBuilder(**self.builder_options)
+        self.resolution_in_prompt = resolution_in_prompt
+        self.trained_resolutions: set[str] = set()
         self.optimizer = optimizer
         self.warmup_ratio = warmup_ratio
         self.min_lr_ratio = min_lr_ratio
         self.new_params_lr_scale = new_params_lr_scale
         self.ema_decay = ema_decay
         self.ema: dict[str, torch.Tensor] | None = None
-        self.evaluation = dict(evaluation or {})
+        self.evaluator = evaluator
         self.export_dir = export_dir
         self.seed = seed
-        self._prompt_cache: dict[tuple, list[int]] = {}
 
     @property
     def vq(self):
@@ -153,46 +159,40 @@ class TextToImageModule(L.LightningModule):
             raise RuntimeError(f"{path}: missing {missing}, unexpected {unexpected}")
 
     # ------------------------------------------------------------------------- sequences
-    def _prompt(self, caption: str, resolution: tuple[int, int] | None) -> list[int]:
-        key = ("prompt", caption, resolution)
-        if key not in self._prompt_cache:
-            plan = restate_caption(caption) if self.plan and caption else None
-            self._prompt_cache[key] = seq.encode_prompt(self.text_tokenizer, caption, resolution, plan)
-        return self._prompt_cache[key]
-
-    def _caption(self, caption: str) -> list[int]:
-        key = ("caption", caption)
-        if key not in self._prompt_cache:
-            text = restate_caption(caption) if self.caption_target == "restatement" else caption
-            self._prompt_cache[key] = seq.encode_caption(self.text_tokenizer, text)
-        return self._prompt_cache[key]
-
-    def resolution_of(self, codes: torch.Tensor) -> tuple[int, int] | None:
-        """(width, height) in pixels of a code grid when stage II writes it into prompts."""
-        if not self.resolution_in_prompt:
-            return None
-        rows, columns = codes.shape[-2:]
-        return columns * self.vq.downsample, rows * self.vq.downsample
+    def setup(self, stage: str) -> None:
+        """Hand the sequence builders to the datamodule: batches arrive built by its workers."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "batch_stage"):
+            datamodule.batch_stage = self.builder
+            datamodule.val_batch_stage = SequenceBuilder(**self.builder_options, deterministic=True)
 
     def sequences(self, batch: dict, rng: random.Random) -> dict[str, torch.Tensor]:
-        """The training batch (left-padded ids, mask, positions, labels) of a datamodule batch."""
+        """The training sequences of a datamodule batch (images are encoded first)."""
         codes = batch.get("codes")
         if codes is None:
             with torch.no_grad():
                 codes = self.vq.encode(batch["image"].to(self.vq_device))
-        codes = codes.cpu()
-        row_end = self.resolution_in_prompt
-        ids, labels = [], []
-        for grid, caption in zip(codes, batch["caption"]):
-            if rng.random() < self.caption_prob:
-                x, y = seq.build_caption(grid, self._caption(caption), self.vocab, row_end)
-            else:
-                text = "" if rng.random() < self.uncond_prob else caption
-                x, y = seq.build_t2i(self._prompt(text, self.resolution_of(grid)), grid, self.vocab, row_end)
-            ids.append(x)
-            labels.append(y)
-        out = seq.collate(ids, self.vocab, labels)
+            grid = tuple(codes.shape[-2:])
+            if grid not in self.builder.grids:
+                raise ValueError(f"images of {grid[1]}x{grid[0]} codes are not one of model.resolutions {self.resolutions}")
+        out = self.builder.build(codes.cpu(), batch["caption"], rng)
         return {k: v.to(self.device) for k, v in out.items()}
+
+    def _model_inputs(self, batch: dict, rng_key: str) -> dict[str, torch.Tensor]:
+        if "input_ids" in batch:  # built in the DataLoader workers
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "labels")}
+        else:
+            inputs = self.sequences(batch, random.Random(f"{self.seed}/{rng_key}/{self.global_rank}"))
+        return inputs
+
+    def _note_resolution(self, batch: dict) -> None:
+        grid = batch["codes"].shape[-2:] if "codes" in batch else None
+        if grid is not None:
+            rows, columns = grid
+            self.trained_resolutions.add(f"{columns * self.vq.downsample}x{rows * self.vq.downsample}")
+        else:
+            height, width = batch["image"].shape[-2:]
+            self.trained_resolutions.add(f"{width}x{height}")
 
     @property
     def vq_device(self) -> torch.device:
@@ -203,10 +203,14 @@ class TextToImageModule(L.LightningModule):
         return self.model(input_ids, attention_mask, position_ids, labels, return_logits=return_logits)
 
     def training_step(self, batch, batch_idx):
-        rng = random.Random(f"{self.seed}/{self.global_step}/{self.global_rank}")
-        loss = self(**self.sequences(batch, rng), return_logits=False).loss
+        self._note_resolution(batch)
+        loss = self(**self._model_inputs(batch, f"train/{self.global_step}"), return_logits=False).loss
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
         return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss = self(**self._model_inputs(batch, f"val/{batch_idx}"), return_logits=False).loss
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["caption"]), sync_dist=True)
 
     def configure_optimizers(self):
         decay, no_decay, new = [], [], []
@@ -249,19 +253,21 @@ class TextToImageModule(L.LightningModule):
             with torch.no_grad():
                 for name, p in self._trainable().items():
                     self.ema[name].lerp_(p.detach().float(), 1 - self.ema_decay)
-        every = self.evaluation.get("every_n_steps")
+        every = getattr(self.evaluator, "every_n_steps", None)
         last = self.global_step == self.trainer.max_steps  # the final evaluation follows in on_train_end
         if every and self.global_step % every == 0 and not last:
-            metrics = self.evaluate(self.evaluation.get("periodic_num"))
+            metrics = self.evaluate(getattr(self.evaluator, "periodic_num", None))
             self.log_dict(metrics, rank_zero_only=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.ema is not None:
             checkpoint["ema"] = {n: t.clone() for n, t in self.ema.items()}
+        checkpoint["trained_resolutions"] = sorted(self.trained_resolutions)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "ema" in checkpoint:
             self.ema = checkpoint["ema"]
+        self.trained_resolutions = set(checkpoint.get("trained_resolutions", ()))
 
     @contextmanager
     def ema_weights(self):
@@ -284,40 +290,16 @@ class TextToImageModule(L.LightningModule):
     # ------------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, num: int | None = None) -> dict[str, float]:
-        """Shapes-world scores of generations and captions on the first ``num`` held-out prompts
-        (default ``evaluation.num``), with the EMA weights. A missing prompt file is written
-        with ``evaluation.seed``."""
-        from mars_data import shapes
-
-        cfg = self.evaluation
-        path = Path(cfg["prompts"])
-        num = num or cfg.get("num", 400)
-        if not path.exists():
-            shapes.write_prompts(path, max(num, cfg.get("num", 400)), cfg.get("seed", 9001))
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:num]
-        batch_size = cfg.get("batch_size", 100)
-        width, height = parse_resolution(self.resolutions[0])
+        """The evaluator's metrics for the current (EMA) weights (``num`` prompts: its default)."""
         was_training = self.model.training
         try:
             with self.ema_weights():
-                pipe = self.pipeline()
-                options = dict(cfg_scale=cfg.get("cfg_scale", 1.5), temperature=0.0, batch_size=batch_size)
-                images = pipe.generate([r["prompt"] for r in records], **options)
-                rendered = [shapes.render(r["scene"], width, height) for r in records]
-                captions = pipe.caption(rendered, batch_size=batch_size)
+                return self.evaluator(self.pipeline(), num)
         finally:
             self.model.train(was_training)
-        results = [shapes.score_image(image, record) for image, record in zip(images, records)]
-        metrics = {}
-        for lang, summary in shapes.summarize(results).items():
-            for key in ("single_binding", "pair_binding", "spatial"):
-                if summary.get(key) is not None:
-                    metrics[f"eval/{lang}_{key}"] = float(summary[key])
-        metrics["eval/caption"] = sum(map(caption_correct, captions, records)) / len(records)
-        return metrics
 
     def on_train_end(self) -> None:
-        if self.evaluation.get("prompts"):
+        if self.evaluator is not None:
             metrics = self.evaluate()
             rank_zero_info("final evaluation: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items())))
             self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
@@ -339,34 +321,17 @@ class TextToImageModule(L.LightningModule):
             with self.ema_weights():
                 self.pipeline().save_pretrained(path)
 
+    def exported_resolutions(self) -> list[str]:
+        """The declared resolutions the run trained on (all declared ones before any step)."""
+        seen = [r for r in self.resolutions if r in self.trained_resolutions]
+        unseen = [r for r in self.resolutions if r not in self.trained_resolutions]
+        if seen and unseen:
+            rank_zero_info(f"not exported (no training batch had these sizes): {', '.join(unseen)}")
+        return seen or self.resolutions
+
     def pipeline(self):
         """The generation pipeline around this module's model and tokenizers (mars_app.pipeline)."""
         return MarsPipeline(
-            self.model, self.vq, self.text_tokenizer, self.resolutions,
+            self.model, self.vq, self.text_tokenizer, self.exported_resolutions(),
             resolution_in_prompt=self.resolution_in_prompt, row_end=self.resolution_in_prompt, plan=self.plan is not None,
-            sampling={"cfg_scale": self.evaluation.get("cfg_scale", 1.5)},
         )
-
-
-INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-
-
-def caption_correct(caption: str, record: dict) -> bool:
-    """A caption (either language, or a restatement) names the record's objects and relation:
-    "A left of B" and "B right of A" both describe the same scene."""
-    from mars_data import shapes
-
-    try:
-        parsed = shapes.parse_caption(caption)["scene"]
-    except ValueError:
-        try:
-            parsed = parse_restatement(caption)
-        except ValueError:
-            return False
-    wanted = record["scene"]
-    objects = [(o["color"], o["shape"]) for o in parsed["objects"]]
-    target = [(o["color"], o["shape"]) for o in wanted["objects"]]
-    if "relation" not in wanted:
-        return objects == target and "relation" not in parsed
-    return (objects, parsed.get("relation")) in ((target, wanted["relation"]), (target[::-1], INVERSE[wanted["relation"]]))
-

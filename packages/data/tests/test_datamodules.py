@@ -105,7 +105,7 @@ def test_shards_stream_from_urls(shard_dir):
     assert sum(len(b["key"]) for b in all_batches(datamodule)) == 60
 
 
-def test_img2dataset_layout_with_jpg_and_image_size(tmp_path):
+def test_img2dataset_layout_with_jpg_fitted_to_resolutions(tmp_path):
     rng = np.random.default_rng(0)
     samples = {}
     for i, (w, h) in enumerate([(80, 60), (60, 90), (64, 64)]):
@@ -113,10 +113,14 @@ def test_img2dataset_layout_with_jpg_and_image_size(tmp_path):
         meta = {"url": f"https://example.com/{i}.jpg", "caption": f"photo {i}", "width": w, "height": h}
         samples[f"{i:09d}"] = {"jpg": encode(image, "JPEG"), "txt": f"photo {i}".encode(), "json": json.dumps(meta).encode()}
     shard = write_tar(tmp_path / "00000.tar", samples)
-    (batch,) = all_batches(ShardDataModule(str(shard), batch_size=4, image_size=32, shuffle_buffer=0))
-    assert batch["image"].shape == (3, 3, 32, 32)
+    (batch,) = all_batches(ShardDataModule(str(shard), batch_size=4, resolutions=["32x32"], shuffle_buffer=0))
+    assert batch["image"].shape == (3, 3, 32, 32)  # stage I: resize + centre crop
     assert batch["caption"] == ["photo 0", "photo 1", "photo 2"]
     assert batch["record"][1]["url"] == "https://example.com/1.jpg"
+    # stage II: each image to the size of nearest aspect ratio, batches bucketed by size
+    stage2 = ShardDataModule(str(shard), batch_size=4, resolutions=["32x32", "48x32", "32x48"], shuffle_buffer=0)
+    sizes = {b["caption"][0]: tuple(b["image"].shape[-2:]) for b in all_batches(stage2)}
+    assert sizes == {"photo 0": (32, 48), "photo 1": (48, 32), "photo 2": (32, 32)}
 
 
 def test_codes_without_decoding_images(tmp_path):

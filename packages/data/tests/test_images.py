@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from mars_data.images import ImageError, load_image
+from mars_data.images import ImageError, load_image, nearest_resolution, parse_resolution, prepare_image
 
 
 def png(width: int, height: int, mode: str = "RGB") -> bytes:
@@ -49,3 +49,22 @@ def test_pil_limit_is_an_image_error_too():
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ImageError, match="no such file"):
         load_image(tmp_path / "nope.png")
+
+
+def test_resolutions_parse_and_the_nearest_aspect_ratio_wins():
+    assert parse_resolution("96x64") == (96, 64) and parse_resolution((64, 96)) == (64, 96)
+    with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
+        parse_resolution("96 by 64")
+    sizes = [(256, 256), (384, 256), (256, 384), (512, 256), (256, 512)]
+    assert nearest_resolution((640, 480), sizes) == (384, 256)
+    assert nearest_resolution((1000, 300), sizes) == (512, 256)  # ratio 3.3: cropped to 2
+    assert nearest_resolution((300, 300), sizes) == (256, 256)
+
+
+def test_prepare_covers_then_crops_the_centre():
+    image = Image.new("RGB", (90, 30), "white")
+    image.paste((255, 0, 0), (30, 0, 60, 30))  # a red centre third
+    out = prepare_image(image, [(16, 16)])
+    assert out.size == (16, 16)
+    assert out.getpixel((8, 8)) == (255, 0, 0)  # the centre square is the red third
+    assert prepare_image(image, [(16, 16), (32, 16)]).size == (32, 16)

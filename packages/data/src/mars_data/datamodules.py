@@ -17,6 +17,7 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
+from mars_data.images import parse_resolution
 from mars_data.shapes.captions import LANGS
 from mars_data.shapes.shards import write_shards
 from mars_data.webdata import SkipCounter, expand_urls, shard_pipeline
@@ -38,8 +39,14 @@ class ShardDataModule(L.LightningDataModule):
             image bytes are then never decoded.
         load_codes: read ``codes.npy`` members into ``batch["codes"]``; samples without one
             are skipped (and counted).
-        image_size: resize the short side to this and crop the centre square; None keeps the
-            stored size (batches are bucketed by size).
+        resolutions: the sizes images are fitted to ("WxH"; each image to the nearest aspect
+            ratio, resized to cover and centre-cropped: ``mars_data.images.prepare_image``);
+            one square size is stage I's resize + centre crop. None keeps stored sizes.
+            Batches are bucketed by size either way.
+
+    ``batch_stage``: set by a training module before the loaders are made (Lightning calls the
+    module's ``setup`` first): a picklable ``stage(batches, skips) -> batches`` run in the
+    DataLoader workers, where the module builds its training sequences.
     """
 
     def __init__(
@@ -54,7 +61,7 @@ class ShardDataModule(L.LightningDataModule):
         samples_per_epoch: int | None = None,
         load_images: bool = True,
         load_codes: bool = False,
-        image_size: int | None = None,
+        resolutions: Sequence[str] | None = None,
     ):
         super().__init__()
         if resampled and not samples_per_epoch:
@@ -67,8 +74,10 @@ class ShardDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.resampled = resampled
         self.samples_per_epoch = samples_per_epoch
-        self.decoding = {"load_images": load_images, "load_codes": load_codes, "image_size": image_size}
+        sizes = [parse_resolution(r) for r in resolutions] if resolutions else None
+        self.decoding = {"load_images": load_images, "load_codes": load_codes, "resolutions": sizes}
         self.skips = SkipCounter()
+        self.batch_stage = None
 
     @property
     def skipped(self) -> int:
@@ -98,6 +107,7 @@ class ShardDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             resampled=self.resampled,
             batches_per_worker=batches_per_worker,
+            batch_stage=self.batch_stage,
             **self.decoding,
         )
         if batches_per_worker is not None:
@@ -109,7 +119,8 @@ class ShardDataModule(L.LightningDataModule):
         if self.val_shards is None:
             return []  # Lightning then runs no validation
         pipeline = shard_pipeline(
-            expand_urls(self.val_shards), batch_size=self.val_batch_size, skips=self.skips, **self.decoding
+            expand_urls(self.val_shards), batch_size=self.val_batch_size, skips=self.skips,
+            batch_stage=self.batch_stage, **self.decoding,
         )
         return self._loader(pipeline)
 

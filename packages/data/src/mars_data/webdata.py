@@ -31,9 +31,8 @@ import braceexpand
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 
-from mars_data.images import load_image
+from mars_data.images import load_image, prepare_image
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +91,12 @@ class SkipCounter:
         return True
 
 
-def decode_image(data: bytes, image_size: int | None = None) -> torch.Tensor:
-    """Image bytes -> FloatTensor[3, H, W] in [-1, 1]; with ``image_size`` the short side is
-    resized to it and the centre square cropped."""
+def decode_image(data: bytes, resolutions: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
+    """Image bytes -> FloatTensor[3, H, W] in [-1, 1]; with ``resolutions`` (width, height) the
+    image is fitted to the nearest of them (``mars_data.images.prepare_image``)."""
     image = load_image(data)  # decoded now: truncated, corrupt or oversized data raises here, not later
-    if image_size is not None:
-        w, h = image.size
-        scale = image_size / min(w, h)
-        w, h = max(image_size, round(w * scale)), max(image_size, round(h * scale))
-        image = image.resize((w, h), Image.Resampling.BICUBIC)
-        left, top = (w - image_size) // 2, (h - image_size) // 2
-        image = image.crop((left, top, left + image_size, top + image_size))
+    if resolutions:
+        image = prepare_image(image, resolutions)
     array = np.asarray(image, dtype=np.float32)
     return torch.from_numpy(array).permute(2, 0, 1).div(127.5).sub(1.0).contiguous()
 
@@ -118,11 +112,11 @@ def decode_codes(data: bytes) -> torch.Tensor:
 class SampleDecoder:
     """Pipeline stage: raw tar samples -> decoded samples; a sample that fails is skipped."""
 
-    def __init__(self, skips: SkipCounter, load_images: bool, load_codes: bool, image_size: int | None):
+    def __init__(self, skips: SkipCounter, load_images: bool, load_codes: bool, resolutions: Sequence[tuple[int, int]] | None):
         self.skips = skips
         self.load_images = load_images
         self.load_codes = load_codes
-        self.image_size = image_size
+        self.resolutions = resolutions
 
     def decode(self, sample: dict) -> dict:
         record = json.loads(sample["json"]) if "json" in sample else {}
@@ -137,7 +131,7 @@ class SampleDecoder:
             image_key = next((k for k in IMAGE_KEYS if k in sample), None)
             if image_key is None:
                 raise ValueError(f"no image member ({', '.join(IMAGE_KEYS)})")
-            out["image"] = decode_image(sample[image_key], self.image_size)
+            out["image"] = decode_image(sample[image_key], self.resolutions)
         if self.load_codes:
             if CODES_KEY not in sample:
                 raise ValueError(f"no {CODES_KEY} member")
@@ -194,13 +188,16 @@ def shard_pipeline(
     batches_per_worker: int | None = None,
     load_images: bool = True,
     load_codes: bool = False,
-    image_size: int | None = None,
+    resolutions: Sequence[tuple[int, int]] | None = None,
+    batch_stage=None,
 ) -> wds.DataPipeline:
     """The iterable of batches over ``urls``.
 
     Without ``resampled`` each node and DataLoader worker reads its own share of the shards
     once per pass (shuffled when ``shuffle_buffer`` > 0). With ``resampled`` every worker draws
-    shards at random, forever; ``batches_per_worker`` then ends each epoch.
+    shards at random, forever; ``batches_per_worker`` then ends each epoch. ``batch_stage``
+    (``stage(batches, skips) -> batches``) runs last, in the DataLoader workers: training
+    modules build their sequences there (``mars_semvie.sequences.SequenceBuilder``).
     """
     stages: list = [wds.ResampledShards(urls) if resampled else wds.SimpleShardList(urls)]
     if not resampled:
@@ -211,7 +208,9 @@ def shard_pipeline(
     stages.append(wds.tarfile_to_samples(handler=skips.handler, select_files=select_files))
     if shuffle_buffer > 0:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100)))
-    stages += [SampleDecoder(skips, load_images, load_codes, image_size), BucketBatcher(batch_size)]
+    stages += [SampleDecoder(skips, load_images, load_codes, resolutions), BucketBatcher(batch_size)]
+    if batch_stage is not None:
+        stages.append(lambda batches: batch_stage(batches, skips))
     pipeline = wds.DataPipeline(*stages)
     if batches_per_worker is not None:
         pipeline = pipeline.with_epoch(batches_per_worker)

@@ -1,7 +1,7 @@
 """Sequence layouts of MARS: the one place that says how text and images become token ids.
 
-Training (``mars_app.t2i``) builds its sequences here and generation (``mars_app.pipeline``)
-builds its prompts here, so the two cannot drift apart.
+Training builds its sequences here (``SequenceBuilder``, in the DataLoader workers) and
+generation (``mars_app.pipeline``) builds its prompts here, so the two cannot drift apart.
 
 Text framing. The text LLM was pretrained on texts framed as ``<|endoftext|> text
 <|endoftext|>`` (``mars_semvie.text``); a prompt keeps exactly that framing, so the frozen
@@ -59,6 +59,7 @@ captioning).
 
 from __future__ import annotations
 
+import random
 from typing import Sequence
 
 import torch
@@ -202,3 +203,123 @@ def collate(
             [[IGNORE] * (length - len(row)) + list(row) for row in labels], dtype=torch.long
         )
     return batch_out
+
+
+# ----------------------------------------------------------------------- training batches
+class SequenceBuilder:
+    """Training sequences of datamodule batches, built in the DataLoader workers.
+
+    Each sample becomes a text-to-image sequence or (with probability ``caption_prob``) a
+    captioning sequence; a text-to-image prompt is dropped to the unconditional prompt with
+    probability ``uncond_prob`` (classifier-free guidance). ``plan`` and ``caption_target``
+    (callables ``caption -> text``, or None) come from the task plugin: the text written
+    between the prompt and the image, and what captioning learns to write (None: the caption).
+    With ``resolution_in_prompt`` (stage II) each image's size (its grid times ``downsample``)
+    is written into the prompt and rows end with ``<image_row_end>``.
+
+    As a pipeline stage (``__call__(batches, skips)``, ``mars_data.ShardDataModule.batch_stage``)
+    it adds ``input_ids``, ``attention_mask``, ``position_ids`` and ``labels`` to every batch
+    that has ``codes``, in the workers, so the training process only runs the model; a batch of
+    images passes through and the module encodes it, then calls ``build``. A batch whose grid is
+    not one of ``grids`` (the sizes the model trains on) is skipped and counted per sample.
+
+    Task draws: training batches draw from a generator seeded by (seed, rank, worker, the
+    worker's batch count); with ``deterministic`` (validation) by the batch's sample keys, so
+    every validation pass scores the same sequences. Token ids of prompts and captions are kept
+    in a bounded cache (the shapes world repeats its captions; 200M web captions must not grow
+    memory).
+    """
+
+    CACHE_SIZE = 100_000
+
+    def __init__(
+        self,
+        text_tokenizer,
+        vocab: MultimodalVocab,
+        downsample: int,
+        grids: Sequence[tuple[int, int]] | None = None,
+        caption_prob: float = 0.0,
+        uncond_prob: float = 0.1,
+        plan=None,
+        caption_target=None,
+        resolution_in_prompt: bool = False,
+        seed: int = 0,
+        deterministic: bool = False,
+    ):
+        self.text_tokenizer = text_tokenizer
+        self.vocab = vocab
+        self.downsample = downsample
+        self.grids = None if grids is None else {tuple(g) for g in grids}
+        self.caption_prob = caption_prob
+        self.uncond_prob = uncond_prob
+        self.plan = plan
+        self.caption_target = caption_target
+        self.resolution_in_prompt = resolution_in_prompt
+        self.seed = seed
+        self.deterministic = deterministic
+        self._cache: dict[tuple, list[int]] = {}
+        self._batches = 0
+
+    def _cached(self, key: tuple, make) -> list[int]:
+        ids = self._cache.get(key)
+        if ids is None:
+            if len(self._cache) >= self.CACHE_SIZE:
+                self._cache.clear()
+            ids = self._cache[key] = make()
+        return ids
+
+    def prompt_ids(self, caption: str, resolution: tuple[int, int] | None) -> list[int]:
+        def make():
+            plan = self.plan(caption) if self.plan is not None and caption else None
+            return encode_prompt(self.text_tokenizer, caption, resolution, plan)
+
+        return self._cached(("prompt", caption, resolution), make)
+
+    def caption_ids(self, caption: str) -> list[int]:
+        def make():
+            text = self.caption_target(caption) if self.caption_target is not None else caption
+            return encode_caption(self.text_tokenizer, text)
+
+        return self._cached(("caption", caption), make)
+
+    def resolution(self, grid: torch.Tensor) -> tuple[int, int] | None:
+        """(width, height) in pixels of a code grid when stage II writes it into prompts."""
+        if not self.resolution_in_prompt:
+            return None
+        rows, columns = grid.shape[-2:]
+        return columns * self.downsample, rows * self.downsample
+
+    def build(self, codes: torch.Tensor, captions: Sequence[str], rng) -> dict[str, torch.Tensor]:
+        """The batch's left-padded ``input_ids``, ``attention_mask``, ``position_ids``, ``labels``."""
+        row_end = self.resolution_in_prompt
+        ids, labels = [], []
+        for grid, caption in zip(codes, captions):
+            if rng.random() < self.caption_prob:
+                x, y = build_caption(grid, self.caption_ids(caption), self.vocab, row_end)
+            else:
+                text = "" if rng.random() < self.uncond_prob else caption
+                x, y = build_t2i(self.prompt_ids(text, self.resolution(grid)), grid, self.vocab, row_end)
+            ids.append(x)
+            labels.append(y)
+        return collate(ids, self.vocab, labels)
+
+    def rng(self, batch: dict) -> random.Random:
+        if self.deterministic:
+            return random.Random(f"{self.seed}/" + "/".join(map(str, batch["key"])))
+        info = torch.utils.data.get_worker_info()
+        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        self._batches += 1
+        return random.Random(f"{self.seed}/{rank}/{info.id if info else 0}/{self._batches}")
+
+    def __call__(self, batches, skips=None):
+        for batch in batches:
+            codes = batch.get("codes")
+            if codes is not None:
+                if self.grids is not None and tuple(codes.shape[-2:]) not in self.grids:
+                    rows, columns = codes.shape[-2:]
+                    for key in batch["key"]:
+                        if skips is not None:
+                            skips.skip(f"sample {key}", f"its {rows}x{columns} code grid is not a trained resolution")
+                    continue
+                batch = {**batch, **self.build(codes, batch["caption"], self.rng(batch))}
+            yield batch

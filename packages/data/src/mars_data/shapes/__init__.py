@@ -1,4 +1,5 @@
-"""The bilingual shapes world (SHAPES_WORLD.md): scenes, renderer, captions, scorer, shards.
+"""The bilingual shapes world (docs/SHAPES_WORLD.md): scenes, renderer, captions, scorer, shards,
+the layout restatement, and the task plugin of the generic training module (``task``).
 
     >>> import random
     >>> from mars_data import shapes
@@ -13,6 +14,7 @@
 """
 
 from mars_data.shapes.captions import FORMS, LANGS, forms_for, parse_caption, write_caption
+from mars_data.shapes.restatement import CANONICAL, INVERSE, caption_correct, parse_restatement, restate_caption, restatement
 from mars_data.shapes.scoring import METRICS, detect, relation_holds, score_image, summarize
 from mars_data.shapes.shards import (
     aspect_size,
@@ -23,6 +25,7 @@ from mars_data.shapes.shards import (
     write_prompts,
     write_shards,
 )
+from mars_data.shapes.task import ShapesEvaluator
 from mars_data.shapes.world import (
     BACKGROUND,
     COLORS,
@@ -38,6 +41,13 @@ from mars_data.shapes.world import (
 
 __all__ = [
     "BACKGROUND",
+    "CANONICAL",
+    "INVERSE",
+    "ShapesEvaluator",
+    "caption_correct",
+    "parse_restatement",
+    "restate_caption",
+    "restatement",
     "COLORS",
     "COLORS_ZH",
     "FORMS",
