@@ -8,7 +8,9 @@ task=t2i writes one image per prompt, ``DIR/00000.png``, ``00001.png``, ... in t
 the prompt file's rows (blank lines skipped, as apps/evaluate.py does), so the evaluator
 scores image i against row i; ``grid=true`` also writes ``DIR/grid.png`` with every image
 under its index and prompt. task=caption writes one ``{"image", "caption"}`` row per image of
-DIR (png/jpg/jpeg, file-name order). Sampling options (cfg_scale, temperature, top_k, top_p,
+DIR (png/jpg/jpeg, file-name order; an image of any size is fitted to the trained resolution of
+the nearest aspect ratio, and the row says ``"resized": "640x480 -> 64x64"``; an unreadable
+file is reported and skipped). Sampling options (cfg_scale, temperature, top_k, top_p,
 seed, batch_size, kv_cache, resolution) are in conf/generate.yaml; see docs/GENERATION.md.
 """
 
@@ -23,6 +25,8 @@ from omegaconf import DictConfig
 from PIL import Image, ImageDraw, ImageFont
 
 from mars_app.pipeline import MarsPipeline
+from mars_core.io import write_text_atomic
+from mars_data.images import ImageError, load_image
 from mars_data.shapes import read_prompts
 
 log = logging.getLogger(__name__)
@@ -136,10 +140,15 @@ def draw(cfg: DictConfig, pipeline: MarsPipeline, prompts: list[str]) -> dict:
 def caption(cfg: DictConfig, pipeline: MarsPipeline, paths: list[Path]) -> dict:
     out = Path(cfg.out) if cfg.out else Path(cfg.paths.output_dir) / "captions.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
-    images = []
+    images, readable = [], []
     for path in paths:
-        with Image.open(path) as image:
-            images.append(image.convert("RGB"))
+        try:
+            images.append(load_image(path))
+            readable.append(path)
+        except ImageError as error:
+            log.warning("skipped: %s", error)
+    if not images:
+        raise ValueError(f"none of the {len(paths)} images in {cfg.images} could be read")
     captions = pipeline.caption(
         images,
         temperature=cfg.temperature or 0.0,
@@ -151,9 +160,16 @@ def caption(cfg: DictConfig, pipeline: MarsPipeline, paths: list[Path]) -> dict:
         kv_cache=cfg.kv_cache,
         progress=True,
     )
-    rows = [json.dumps({"image": p.name, "caption": c}, ensure_ascii=False) + "\n" for p, c in zip(paths, captions)]
-    out.write_text("".join(rows), encoding="utf-8")
-    print(f"{len(captions)} captions written to {out}")
+    rows = []
+    for path, image, text in zip(readable, images, captions):
+        row = {"image": path.name, "caption": text}
+        size = pipeline.prepare(image).size
+        if size != image.size:  # say what the model read
+            row["resized"] = f"{image.width}x{image.height} -> {size[0]}x{size[1]}"
+        rows.append(json.dumps(row, ensure_ascii=False) + "\n")
+    write_text_atomic(out, "".join(rows))
+    skipped = len(paths) - len(readable)
+    print(f"{len(captions)} captions written to {out}" + (f" ({skipped} unreadable images skipped)" if skipped else ""))
     return {"captions": captions, "out": out}
 
 

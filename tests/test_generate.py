@@ -149,7 +149,16 @@ def test_pipeline_refuses_bad_input(tmp_path, ckpt, pipeline):
     with pytest.raises(FileNotFoundError, match="pass llm_path=<its directory> if it moved"):
         MarsPipeline.from_pretrained(ckpt, llm_path=str(tmp_path / "moved"))
     with pytest.raises(ValueError, match="unknown resolution 8x8"):
-        pipeline.caption(Image.new("RGB", (8, 8)))
+        pipeline.generate("a red circle", resolution="8x8")
+
+
+def test_captioning_fits_any_image_to_a_trained_size(pipeline):
+    photo = Image.new("RGB", (90, 30), "white")
+    photo.paste((255, 0, 0), (30, 0, 60, 30))
+    prepared = pipeline.prepare(photo)
+    assert prepared.size in pipeline.resolutions
+    assert torch.equal(pipeline.encode(photo), pipeline.encode(prepared))
+    assert pipeline.caption(photo) == pipeline.caption(prepared)
 
 
 # ------------------------------------------------------------------------------- the app
@@ -183,6 +192,18 @@ def test_caption_app_writes_one_row_per_image(make_cfg, tmp_path, ckpt, pipeline
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["image"] for r in rows] == ["00000.png", "00001.png", "00002.png"]
     assert [r["caption"] for r in rows] == pipeline.caption(images, max_new_tokens=6)
+    assert "resized" not in rows[0]
+
+
+def test_caption_app_fits_other_sizes_and_skips_unreadable_files(make_cfg, tmp_path, ckpt, pipeline):
+    Image.new("RGB", (50, 30), "blue").save(tmp_path / "a.png")
+    (tmp_path / "b.png").write_bytes(b"not a png")
+    out = tmp_path / "captions.jsonl"
+    cfg = make_cfg([f"ckpt={ckpt}", "task=caption", f"images={tmp_path}", f"out={out}", "max_new_tokens=4"], "generate")
+    generate(cfg)
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    width, height = pipeline.prepare(Image.new("RGB", (50, 30))).size
+    assert row["image"] == "a.png" and row["resized"] == f"50x30 -> {width}x{height}"
 
 
 @pytest.mark.parametrize(

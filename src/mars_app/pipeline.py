@@ -27,8 +27,10 @@ Design choices:
   until ``<|endoftext|>``; text-only input runs exactly the frozen LLM), and the image is
   drawn after that text, as in training (``mars_semvie.sequences``). The unconditional row of
   guidance has no plan.
-- Captions: the image is encoded with the VQ tokenizer, fed as ``<image_start> codes
-  <image_end>``, and text ids only are drawn (greedy by default) until ``<|endoftext|>``.
+- Captions: an image of any size is fitted to the trained resolution of the nearest aspect
+  ratio (``prepare``: resize to cover, centre crop, as training does), encoded with the VQ
+  tokenizer, fed as ``<image_start> codes <image_end>``, and text ids only are drawn (greedy
+  by default) until ``<|endoftext|>``.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from mars_data.images import parse_resolution
+from mars_data.images import parse_resolution, prepare_image
 from mars_semvie import SemVIEForCausalLM
 from mars_semvie.sampling import generate as sample_tokens
 from mars_semvie.sequences import (
@@ -267,7 +269,7 @@ class MarsPipeline:
         kv_cache: bool = True,
         progress: bool = False,
     ) -> list[str]:
-        """One caption per image (each at a resolution of the model), greedy by default."""
+        """One caption per image of any size (``prepare``d to a trained resolution), greedy by default."""
         images = [images] if isinstance(images, Image.Image) else list(images)
         device = self.model.visual_embed.weight.device
         captions = []
@@ -295,10 +297,14 @@ class MarsPipeline:
         bar.close()
         return captions
 
+    def prepare(self, image: Image.Image) -> Image.Image:
+        """An image of any size as the model reads it: fitted to the trained resolution of the
+        nearest aspect ratio (resize to cover, centre crop), as training prepares images."""
+        return prepare_image(image.convert("RGB"), self.resolutions)
+
     def encode(self, image: Image.Image) -> torch.Tensor:
-        """The (rows, columns) code grid of an image at one of the model's resolutions."""
-        image = image.convert("RGB")
-        self.resolution(image.size)  # refuses a size the model was not trained on
+        """The (rows, columns) code grid of an image, prepared to a trained resolution first."""
+        image = self.prepare(image)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
         return self.vq_tokenizer.encode(pixels[None])[0].cpu()
 
