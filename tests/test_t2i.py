@@ -7,11 +7,13 @@ with the tiny VQ's downsampling 4).
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 from pathlib import Path
 
 import hydra
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -23,6 +25,7 @@ from apps.tokenize_shards import tokenize_shards
 from apps.train import train
 from mars_app.lm_corpus import corpus_text
 from mars_app.pipeline import MarsPipeline
+from mars_core.schedule import warmup_cosine
 from mars_data import shapes
 from mars_data.shapes import caption_correct, parse_restatement, restate_caption, restatement
 from mars_semvie.text import qwen_tokenizer
@@ -228,3 +231,54 @@ def test_shapes_lm_pretrains_on_the_restatement_corpus(make_cfg, corpus):
     tokenizer = AutoTokenizer.from_pretrained(Path(cfg.paths.output_dir) / "llm")
     eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     assert tokenizer(texts[0], add_special_tokens=False)["input_ids"].count(eot) == 1
+
+
+class BatchesBuiltInWorkers(L.Callback):
+    """Records whether each training batch arrived with its sequences already built."""
+
+    seen: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        BatchesBuiltInWorkers.seen.append("input_ids" in batch and "labels" in batch)
+
+
+def test_schedule_spans_the_declared_epochs_of_an_unsized_stream(make_cfg, checkpoints, tmp_path):
+    """max_epochs with samples_per_epoch on a webdataset stream (no length of its own): the
+    logged learning rate warms up, then decays to its floor at the last step; sequences are
+    built in the DataLoader worker; held-out shards give val/loss."""
+    codes = tmp_path / "codes"
+    tokenize_shards(OmegaConf.create(dict(tokenizer=str(checkpoints["vq"]), input=str(checkpoints["shards"]), output=str(codes), batch_size=32, device="cpu", resolutions=["16x16"])))
+    common = [
+        *tiny_overrides(checkpoints, tmp_path), f"data.train_shards={codes}", "data.num_workers=1", "model.evaluator=null",
+        "trainer.max_steps=-1", "trainer.max_epochs=2", "model.warmup_ratio=0.25", "model.min_lr_ratio=0.1",
+    ]
+    with pytest.raises(ValueError, match="set trainer.max_steps, or data.samples_per_epoch"):
+        train(make_cfg(common))
+    BatchesBuiltInWorkers.seen = []
+    cfg = make_cfg([
+        *common, "data.samples_per_epoch=64", f"data.val_shards={codes}", "+trainer.val_check_interval=8",
+        "trainer.check_val_every_n_epoch=null", "logger=csv", "trainer.log_every_n_steps=1",
+        "+callbacks.built._target_=tests.test_t2i.BatchesBuiltInWorkers",
+    ])
+    metrics = train(cfg)
+    assert metrics["global_step"] == 16 and metrics["val/loss"] > 0  # 2 epochs x 64 samples / batch 8
+    assert BatchesBuiltInWorkers.seen == [True] * 16
+    rows = list(csv.DictReader(open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv")))
+    lrs = [float(r["lr-AdamW/pg1"]) for r in rows if r.get("lr-AdamW/pg1")]
+    peak = cfg.model.optimizer.lr
+    assert len(lrs) == 16
+    assert lrs[:4] == sorted(lrs[:4]) and lrs[3] == pytest.approx(peak)
+    assert lrs[4:] == sorted(lrs[4:], reverse=True)
+    assert lrs[-1] == pytest.approx(peak * warmup_cosine(15, 16, 4, 0.1))
+
+
+def test_a_codebook_other_than_the_tokenizers_is_refused_before_training(make_cfg, checkpoints, tmp_path):
+    with pytest.raises(hydra.errors.InstantiationException, match="num_visual_codes=8192 but the VQ tokenizer"):
+        build_module(make_cfg, checkpoints, tmp_path, "model.num_visual_codes=8192")
+
+
+def test_paper_experiments_run_on_one_machine_with_trainer_cpu(make_cfg):
+    for stage in ("stage1", "stage2"):
+        cfg = make_cfg([f"experiment={stage}", "trainer=cpu"])
+        assert cfg.trainer.devices == 1 and cfg.trainer.num_nodes == 1 and "strategy" not in cfg.trainer
+        assert cfg.trainer.max_epochs == (1 if stage == "stage1" else 2)
