@@ -91,7 +91,7 @@ class ShardTokenizer:
         try:
             return decode_image(image, self.resolutions)
         except ImageError as error:
-            self.skip(f"unreadable image ({str(error).split(': ', 1)[-1]})", f"{source}/{key}")
+            self.skip("unreadable image", f"{source}/{key}: {str(error).split(': ', 1)[-1]}")
             return None
 
     def tokenize_shard(self, source: str, target: Path, bar: tqdm) -> None:
@@ -138,7 +138,7 @@ def tokenize_shards(cfg: DictConfig) -> list[Path]:
             try:
                 worker.tokenize_shard(source, target, bar)
             except (OSError, tarfile.TarError, EOFError) as error:
-                worker.skip(f"unreadable shard ({type(error).__name__}: {error})", source)
+                worker.skip("unreadable shard", f"{source}: {type(error).__name__}: {error}")
                 continue
             written.append(target)
     report = {
