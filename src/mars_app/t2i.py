@@ -26,6 +26,10 @@ Design choices:
   and exported, so generation accepts exactly them. Stage II (``resolution_in_prompt``): the
   image's size is written into the prompt and rows end with ``<image_row_end>``; batches are
   uniform in size (the datamodules bucket them).
+- **Memory**: the LLM is loaded in ``llm_dtype`` (the paper's bf16 runs: ``bfloat16``, the
+  precision DeepSpeed trains in anyway, half the host memory of fp32 while the model is built;
+  DeepSpeed keeps fp32 master weights of the trainable parts), and the loss runs the heads on
+  ``loss_chunk`` target positions at a time (no full 160k-wide fp32 logits).
 - **Optimizer**: AdamW over the trainable weights only; no weight decay on norms, biases and
   embeddings; the new parts (visual and image-position embeddings, vision head) may get a larger learning rate
   (``new_params_lr_scale``): they start from nothing while the experts start as copies of the
@@ -82,6 +86,8 @@ class TextToImageModule(L.LightningModule):
         resolution_in_prompt: bool = False,  # stage II: resolution in the prompt, row ends
         resolutions: list[str] = ("64x64",),  # "WxH" the model draws (exported); the first is evaluated
         gradient_checkpointing: bool = False,
+        llm_dtype: str = "float32",  # the LLM (and its expert copies) as loaded: "bfloat16" for bf16 trainers
+        loss_chunk: int = 1024,  # target positions per head + loss chunk (SemVIEForCausalLM.target_loss)
         warmup_ratio: float = 0.01,
         min_lr_ratio: float = 0.1,
         new_params_lr_scale: float = 1.0,
@@ -95,7 +101,9 @@ class TextToImageModule(L.LightningModule):
 
         from mars_tokenizer import VQTokenizer
 
-        llm = AutoModelForCausalLM.from_pretrained(llm_path)
+        if not isinstance(getattr(torch, llm_dtype, None), torch.dtype):
+            raise ValueError(f"model.llm_dtype={llm_dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+        llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=getattr(torch, llm_dtype))
         self.text_tokenizer = AutoTokenizer.from_pretrained(llm_path)
         # the VQ tokenizer is frozen and not part of the trained module (no checkpoint, no sharding)
         self._vq = [VQTokenizer.from_pretrained(tokenizer_path).eval().requires_grad_(False)]
@@ -109,6 +117,7 @@ class TextToImageModule(L.LightningModule):
         if init_from:
             self.load_semvie_weights(init_from)
         self.model.gradient_checkpointing_enable(gradient_checkpointing)
+        self.model.loss_chunk = loss_chunk
         self.vocab = self.model.vocab
         mix = dict(task_mix or {"t2i": 1.0})
         unknown = set(mix) - {"t2i", "caption"}
@@ -160,7 +169,13 @@ class TextToImageModule(L.LightningModule):
 
     # ------------------------------------------------------------------------- sequences
     def setup(self, stage: str) -> None:
-        """Hand the sequence builders to the datamodule: batches arrive built by its workers."""
+        """Hand the sequence builders to the datamodule: batches arrive built by its workers.
+        A model loaded in bf16 for a trainer that is not (e.g. trainer=cpu with a paper
+        experiment) is upcast to fp32 first: optimizer steps on bf16 weights lose updates."""
+        dtype = next(self.model.parameters()).dtype
+        if dtype != torch.float32 and "16" not in str(self.trainer.precision):
+            rank_zero_info(f"model loaded in {dtype} (model.llm_dtype), trainer.precision={self.trainer.precision}: upcast to float32")
+            self.model.float()
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "batch_stage"):
             datamodule.batch_stage = self.builder

@@ -264,3 +264,26 @@ def test_refuses_unsupported_models(build_tiny_llm):
     llm.config.model_type = "gpt2"
     with pytest.raises(ValueError, match="wraps"):
         SemVIEForCausalLM.from_llm(llm, NUM_CODES)
+
+
+def test_chunked_loss_equals_the_whole_loss_and_its_gradients(build_tiny_semvie):
+    model, _ = build_tiny_semvie()
+    torch.manual_seed(0)
+    T = model.vocab.text_size
+    ids = torch.cat([torch.randint(0, T, (3, 5)), T + torch.randint(0, model.vocab.num_codes, (3, 12))], dim=1)
+    labels = ids.clone()
+    labels[:, :5] = -100
+
+    def run(chunk):
+        model.zero_grad()
+        model.loss_chunk = chunk
+        loss = model(ids, labels=labels, return_logits=False).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    whole, grads = run(0)
+    chunked, chunked_grads = run(7)  # 33 targets: chunks of 7, 7, 7, 7, 5
+    torch.testing.assert_close(chunked, whole)
+    assert grads.keys() == chunked_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(chunked_grads[name], grads[name], msg=name)

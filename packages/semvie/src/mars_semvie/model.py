@@ -39,7 +39,9 @@ Design choices:
 - The norms, the rotary embedding and the attention itself are shared. Both heads run on
   every position: a text token may be followed by an image and a code by text (captioning).
   Training (``return_logits=False``) runs them only on the positions that have a target, the
-  same loss for less than half the head compute of a stage I batch.
+  same loss for less than half the head compute of a stage I batch, ``loss_chunk`` positions
+  at a time with the chunk's logits recomputed in the backward pass (``target_loss``): at
+  the paper's 160k-entry vocabulary a stage I batch's logits would be ~10 GB in fp32.
 - Visual embeddings start as the mean of the LLM's input embedding rows; the vision head is
   initialised like the LLM's linear layers (normal, ``initializer_range``).
 - ``image_positions=N`` (0 by default, the paper's model) adds a learned embedding of each
@@ -249,6 +251,7 @@ class SemVIEForCausalLM(nn.Module):
             else None
         )
         self.gradient_checkpointing = False
+        self.loss_chunk = 1024  # target positions per head + loss chunk in training (target_loss); 0: all at once
 
     @classmethod
     def from_llm(
@@ -352,11 +355,32 @@ class SemVIEForCausalLM(nn.Module):
             has_target = targets != IGNORE
             if attention_mask is not None:  # a padding position predicts nothing (and is skipped in training)
                 has_target &= attention_mask[:, -L:-1].to(h.device).bool()
-            loss = F.cross_entropy(self._heads(h[:, :-1][has_target]).float(), targets[has_target])
+            loss = self.target_loss(h[:, :-1][has_target], targets[has_target])
         logits = None
         if return_logits:
             logits = self._heads(h[:, -logits_to_keep:] if logits_to_keep else h)
         return SemVIEOutput(logits=logits, loss=loss, cache=cache)
+
+    def target_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the heads' logits at hidden states ``h`` (N, d) against ``targets``.
+
+        ``loss_chunk`` rows at a time: the fp32 logits of a chunk (N x 160k in the paper) exist
+        only while its loss is computed and are recomputed in the backward pass, so the loss
+        never holds the logits of every target position (a stage I batch has ~16k of them)."""
+        chunk = self.loss_chunk
+        if chunk <= 0 or len(h) <= chunk:
+            return F.cross_entropy(self._heads(h).float(), targets)
+
+        def summed(h_chunk, t_chunk):
+            return F.cross_entropy(self._heads(h_chunk).float(), t_chunk, reduction="sum")
+
+        recompute = torch.is_grad_enabled()
+        total = sum(
+            checkpoint(summed, h[i : i + chunk], targets[i : i + chunk], use_reentrant=False) if recompute
+            else summed(h[i : i + chunk], targets[i : i + chunk])
+            for i in range(0, len(h), chunk)
+        )
+        return total / len(h)
 
     def _heads(self, h: torch.Tensor) -> torch.Tensor:
         """Logits over the multimodal vocabulary: the LLM's head, then the vision head."""

@@ -1,0 +1,89 @@
+"""Peak host memory of building MARS around a mid-size LLM and taking one training step.
+
+    python benchmarks/loading_memory.py [--hidden 896 --layers 24 --batch 2]
+
+A random Qwen2 of Qwen2-0.5B's shape (hidden 896, 24 layers, 151,936-entry vocabulary) is
+saved in bf16 with the real Qwen tokenizer, beside an f16 VQ tokenizer with 8,192 codes. Each
+setting then runs in a fresh process: ``TextToImageModule`` is built (the LLM loaded, SemVIE's
+expert copies made) and one forward + backward of a stage I batch (prompt + 16x16 image codes)
+is taken; the process reports its peak resident memory (ru_maxrss) after building and after
+the step. The settings, side by side in one run:
+
+- before: the LLM loaded in float32, the loss over every target's logits at once (the code
+  before ``llm_dtype`` / ``loss_chunk``);
+- after: the LLM loaded in bfloat16 (the precision DeepSpeed trains in) and the loss in chunks
+  of 1,024 target positions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SETTINGS = {"before": ("float32", 0), "after": ("bfloat16", 1024)}
+
+STEP = r"""
+import json, resource, sys, torch
+from mars_app.t2i import TextToImageModule
+llm, vq, dtype, chunk, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GB
+module = TextToImageModule(llm, vq, optimizer=None, llm_dtype=dtype, loss_chunk=chunk, resolutions=["256x256"], ema_decay=None)
+built = peak()
+codes = torch.randint(0, 8192, (batch, 16, 16))
+captions = ["a photo of a red car parked on a street in the evening light"] * batch
+import random
+inputs = module.sequences({"codes": codes, "caption": captions}, random.Random(0))
+module(**inputs, return_logits=False).loss.backward()
+print(json.dumps({"built_gb": built, "step_gb": peak()}))
+"""
+
+
+def make_checkpoints(root: Path, hidden: int, layers: int) -> tuple[Path, Path]:
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from mars_semvie.text import qwen_tokenizer
+    from mars_tokenizer import VQGANConfig, VQTokenizer
+
+    config = Qwen2Config(
+        vocab_size=151_936, hidden_size=hidden, intermediate_size=hidden * 11 // 2, num_hidden_layers=layers,
+        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+    )
+    with torch.device("cpu"):
+        llm = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    llm.save_pretrained(root / "llm")
+    qwen_tokenizer().save_pretrained(root / "llm")
+    params = sum(p.numel() for p in llm.parameters())
+    del llm
+    vq = VQGANConfig(resolution=256, patch_size=4, ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), z_channels=8,
+                     codebook_size=8192, codebook_dim=4, norm_groups=4)
+    VQTokenizer(vq).save_pretrained(root / "vq")
+    print(f"random Qwen2: {params / 1e6:.0f}M parameters, hidden {hidden}, {layers} layers", flush=True)
+    return root / "llm", root / "vq"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--hidden", type=int, default=896)
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--batch", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        llm, vq = make_checkpoints(Path(tmp), args.hidden, args.layers)
+        results = {}
+        for name, (dtype, chunk) in SETTINGS.items():
+            proc = subprocess.run([sys.executable, "-c", STEP, str(llm), str(vq), dtype, str(chunk), str(args.batch)],
+                                  capture_output=True, text=True, check=True)
+            results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"{name:7s} llm_dtype={dtype:8s} loss_chunk={chunk:5d}: peak after build {results[name]['built_gb']:.2f} GB, "
+                  f"after one step (batch {args.batch}) {results[name]['step_gb']:.2f} GB", flush=True)
+    for key in ("built_gb", "step_gb"):
+        print(f"{key}: after / before = {results['after'][key] / results['before'][key]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
