@@ -10,6 +10,10 @@ scores image i against row i; ``grid=true`` also writes ``DIR/grid.png`` with ev
 under its index and prompt. task=caption writes one ``{"image", "caption"}`` row per image of
 DIR (png/jpg/jpeg, file-name order). Sampling options (cfg_scale, temperature, top_k, top_p,
 seed, batch_size, kv_cache, resolution) are in conf/generate.yaml; see docs/GENERATION.md.
+
+``benchmark=coco|compbench|geneval prompts=FILE`` draws a benchmark's prompt file
+(``images_per_prompt`` each, image k with seed + k) into the layout its scorers read
+(``mars_app.evaluation.benchmarks``; scoring: apps/evaluate.py, docs/EVALUATION.md).
 """
 
 from __future__ import annotations
@@ -84,6 +88,8 @@ def generate(cfg: DictConfig) -> dict:
     """Run the configured task; returns {"images": [paths], "grid": path | None} or {"captions": [...], "out": path}."""
     if cfg.task not in ("t2i", "caption"):
         raise ValueError(f"unknown task {cfg.task!r}; known: t2i, caption")
+    if cfg.task == "t2i" and cfg.get("benchmark"):
+        return draw_benchmark_prompts(cfg)
     # inputs are checked before the model is loaded
     if cfg.task == "t2i":
         prompts = t2i_prompts(cfg)
@@ -93,6 +99,15 @@ def generate(cfg: DictConfig) -> dict:
         paths = list_images(cfg.images)
     pipeline = MarsPipeline.from_pretrained(cfg.ckpt, llm_path=cfg.llm_path, device=cfg.device)
     return draw(cfg, pipeline, prompts) if cfg.task == "t2i" else caption(cfg, pipeline, paths)
+
+
+def draw_benchmark_prompts(cfg: DictConfig) -> dict:
+    from mars_app.evaluation.benchmarks import benchmark_plan, draw_benchmark
+
+    plan = benchmark_plan(cfg.benchmark, cfg.prompts, cfg.images_per_prompt, cfg.benchmark_limit)  # checked before loading
+    pipeline = MarsPipeline.from_pretrained(cfg.ckpt, llm_path=cfg.llm_path, device=cfg.device)
+    options = ("cfg_scale", "temperature", "top_k", "top_p", "seed", "batch_size", "kv_cache", "resolution")
+    return draw_benchmark(pipeline, plan, cfg.out or cfg.paths.output_dir, {key: cfg[key] for key in options}, cfg.ckpt)
 
 
 def t2i_prompts(cfg: DictConfig) -> list[str]:
