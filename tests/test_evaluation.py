@@ -275,7 +275,7 @@ def test_geneval_layout_is_what_its_scorer_reads(tmp_path):
     assert json.loads(plan.files["00001/metadata.jsonl"]) == rows[1]  # its scorer json.load()s the file
     assert all(re.match(r"\d+\.png", name.split("/")[-1]) for name, _ in plan.images)
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a cat"}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:1: a GenEval metadata row needs tag, include"):
+    with pytest.raises(ValueError, match="bad.jsonl: prompt 1: a GenEval metadata row needs tag, include"):
         benchmark_plan("geneval", tmp_path / "bad.jsonl")
     with pytest.raises(ValueError, match="unknown benchmark 'parti'"):
         benchmark_plan("parti", tmp_path / "bad.jsonl")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from apps.generate import generate
 from mars_app.evaluation.inception import FIDInceptionV3
 from mars_app.evaluation.protocol import sha256_file
 from mars_app.pipeline import MarsPipeline
+from tests.conftest import ROOT
 from tests.test_evaluation import random_images, save_tiny_blip, save_tiny_clip
 from tests.test_generate import tiny_pipeline
 
@@ -155,3 +158,18 @@ def test_generate_benchmark_refuses_to_overwrite_and_bad_prompt_files(make_cfg, 
         generate(make_cfg([f"ckpt={models['ckpt']}", "benchmark=coco", f"out={out}"], "generate"))
     with pytest.raises(FileNotFoundError, match="prompts=.*missing.csv: no such file"):
         draw(make_cfg, models, tmp_path / "missing.csv", out, "coco")
+
+
+@pytest.mark.slow
+def test_documented_command_lines_print_the_protocol(tmp_path, models, prompt_files):
+    """The docs/EVALUATION.md commands in subprocesses: draw COCO captions, score CLIPScore."""
+    env = {"MARS_ROOT": str(tmp_path), "PATH": "", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "coco"
+    subprocess.run([sys.executable, "apps/generate.py", f"ckpt={models['ckpt']}", "benchmark=coco",
+                    f"prompts={prompt_files['coco']}", f"out={out}", "seed=1"], cwd=ROOT, check=True, env=env)
+    done = subprocess.run([sys.executable, "apps/evaluate.py", "task=clipscore", f"images={out}", f"clip.model={models['clip']}"],
+                          cwd=ROOT, check=True, env=env, capture_output=True, text=True)
+    assert "clipscore: clipscore " in done.stdout and '"seed": 1' in done.stdout and '"sha256": "' in done.stdout
+    failed = subprocess.run([sys.executable, "apps/evaluate.py", "task=fid", f"images={out}"], cwd=ROOT, env=env,
+                            capture_output=True, text=True)
+    assert failed.returncode != 0 and "fid.weights is not set" in failed.stderr

@@ -29,6 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mars_core.io import atomic_path, write_json_atomic, write_text_atomic
+from mars_data.shapes import read_prompts
 
 from .protocol import GENERATION_FILE
 
@@ -90,18 +91,12 @@ def read_compbench(path: Path) -> dict[str, list[str]]:
 
 
 def read_geneval(path: Path) -> list[dict]:
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not a JSON line ({error})") from error
-        missing = [key for key in ("tag", "include", "prompt") if key not in row]
+    """GenEval's metadata rows (a JSON Lines prompt file, read as every prompt file is)."""
+    rows = read_prompts(path)
+    for number, row in enumerate(rows, 1):
+        missing = [key for key in ("tag", "include") if key not in row]
         if missing:
-            raise ValueError(f"{path}:{number}: a GenEval metadata row needs {', '.join(missing)}")
-        rows.append(row)
+            raise ValueError(f"{path}: prompt {number}: a GenEval metadata row needs {', '.join(missing)}")
     return rows
 
 
