@@ -139,12 +139,15 @@ def test_geneval_end_to_end(make_cfg, tmp_path, models, prompt_files):
         (["task=clipscore", "images={out}", "clip.model={tmp}/clip"], FileNotFoundError, r"clip.model=.*clip: no such directory"),
         (["task=clipscore", "images={out}", "clip.model={out}"], FileNotFoundError, "has no captions.jsonl"),
         (["task=compbench", "images={out}"], ValueError, "no <category>/samples/"),
+        (["task=compbench", "images={tmp}/compbench"], ValueError, "compbench.blip is not set"),
         (["task=geneval", "images={tmp}/nowhere"], FileNotFoundError, "images=.*nowhere: no such directory"),
         (["task=shapes", "images={out}"], ValueError, "task=shapes needs prompts=FILE.jsonl"),
     ],
 )
 def test_evaluate_errors_name_the_option(make_cfg, tmp_path, overrides, error, match):
     out = random_images(tmp_path / "images", 2, seed=0)
+    (tmp_path / "compbench/non_spatial/samples").mkdir(parents=True)  # checked before color is scored
+    random_images(tmp_path / "compbench/color/samples", 1, seed=0)
     with pytest.raises(error, match=match):
         evaluate(make_cfg([o.format(out=out, tmp=tmp_path) for o in overrides], "evaluate"))
 

@@ -36,6 +36,10 @@ BLIP_VQA = ("color", "shape", "texture")
 CLIP_CATEGORIES = ("non_spatial",)
 OFFICIAL_ONLY = {"spatial": "UniDet (detectron2)", "3d_spatial": "UniDet + depth", "complex": "3-in-1 (needs UniDet)",
                  "numeracy": "UniDet"}
+BLIP_VQA_PROTOCOL = {
+    "score": "mean over images of the product over noun phrases of p(yes) / (p(yes) + p(no))",
+    "noun_phrases": "split at ' and ' and commas (official: spaCy en_core_web_sm noun chunks)",
+}
 NAME = re.compile(r"^(?P<prompt>.+)_(?P<index>\d{6})\.png$")
 
 

@@ -16,7 +16,7 @@ from mars_core.io import write_text_atomic
 
 from .benchmarks import COCO_CAPTIONS
 from .clipscore import CONVENTION, clip_score, load_clip
-from .compbench import BLIP_VQA, CLIP_CATEGORIES, OFFICIAL_ONLY, BlipVQA, blip_vqa_score, category_images
+from .compbench import BLIP_VQA, BLIP_VQA_PROTOCOL, CLIP_CATEGORIES, OFFICIAL_ONLY, BlipVQA, blip_vqa_score, category_images
 from .fid import Preprocess, frechet_inception_distance
 from .geneval import check_layout, summarize_results
 from .inception import FIDInceptionV3
@@ -70,21 +70,26 @@ def compbench(cfg: DictConfig, images: Path, out: Path) -> dict:
     folders = [images] if (images / "samples").is_dir() else sorted(p for p in images.iterdir() if (p / "samples").is_dir())
     if not folders:
         raise ValueError(f"images={images}: no <category>/samples/ folders (apps/generate.py benchmark=compbench writes them)")
-    scores, counts, skipped, not_scored, rows, models = {}, {}, [], {}, [], {}
+    names = {folder.name for folder in folders}
+    # every weights path the folders need is checked before any scoring starts
     vqa = clip = None
+    models = {}
+    if names & set(BLIP_VQA):
+        directory = require_path("compbench.blip", cfg.compbench.blip, directory=True)
+        vqa = BlipVQA(directory, cfg.device)
+        models["blip_vqa"] = {"model": str(directory), **weights_record(directory), **BLIP_VQA_PROTOCOL}
+    if names & set(CLIP_CATEGORIES):
+        directory = require_path("compbench.clip", cfg.compbench.clip, directory=True)
+        clip = load_clip(directory)
+        models["clip"] = {"model": str(directory), **weights_record(directory), "score": "mean cosine (torchmetrics CLIPScore / 100)"}
+    scores, counts, skipped, not_scored, rows = {}, {}, [], {}, []
     for folder in folders:
         category, items = folder.name, category_images(folder)
         if category in BLIP_VQA:
-            if vqa is None:
-                directory = require_path("compbench.blip", cfg.compbench.blip, directory=True)
-                vqa, models["blip_vqa"] = BlipVQA(directory, cfg.device), {"model": str(directory), **weights_record(directory)}
             scores[category], results = blip_vqa_score(vqa, items, skipped, cfg.batch_size, desc=f"BLIP-VQA {category}")
             rows += [{"category": category, **row} for row in results]
             counts[category] = len(results)
         elif category in CLIP_CATEGORIES:
-            if clip is None:
-                directory = require_path("compbench.clip", cfg.compbench.clip, directory=True)
-                clip, models["clip"] = load_clip(directory), {"model": str(directory), **weights_record(directory)}
             prompts = dict(items)
             pairs = ((image, prompts[path]) for path, image in read_images(list(prompts), skipped))
             value, counts[category] = clip_score(*clip, pairs, total=len(items), batch_size=cfg.batch_size,
@@ -95,13 +100,7 @@ def compbench(cfg: DictConfig, images: Path, out: Path) -> dict:
             print(f"compbench {category}: not scored here, {not_scored[category]}")
     if rows:
         write_text_atomic(out / "compbench_results.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    protocol = {
-        "blip_vqa": {**models.get("blip_vqa", {}), "score": "mean over images of prod over noun phrases of p(yes)/(p(yes)+p(no))",
-                     "noun_phrases": "split at ' and ' and commas (official: spaCy en_core_web_sm noun chunks)"}
-        if "blip_vqa" in models else None,
-        "clip": {**models["clip"], "score": "mean cosine (torchmetrics CLIPScore / 100)"} if "clip" in models else None,
-        "images": counts, "skipped": skipped, "not_scored": not_scored, "generation": generation_record(images),
-    }
+    protocol = {**models, "images": counts, "skipped": skipped, "not_scored": not_scored, "generation": generation_record(images)}
     return write_summary(out / "compbench_summary.json", "compbench", scores, protocol)
 
 
