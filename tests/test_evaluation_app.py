@@ -95,6 +95,7 @@ def test_coco_fid_and_clipscore_end_to_end(make_cfg, tmp_path, models, prompt_fi
     summary = evaluate(make_cfg(["task=clipscore", f"images={out}", f"clip.model={models['clip']}"], "evaluate"))
     assert summary["protocol"]["images"] == 4 and "100 * mean cosine" in summary["protocol"]["convention"]
     assert summary["protocol"]["weights"].endswith("model.safetensors") and summary["scores"]["clipscore"] >= 0
+    assert summary["protocol"]["architecture"].startswith("CLIP image tower: patch 8, 32 px, 1 layers, width 16")
     assert (out / "clipscore_summary.json").is_file()
 
 

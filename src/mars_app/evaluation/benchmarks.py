@@ -145,7 +145,9 @@ def draw_benchmark(pipeline, plan: BenchmarkPlan, out: str | Path, sampling: dic
     out = Path(out)
     taken = [name for name in [*plan.files, *(path for path, _ in plan.images), GENERATION_FILE] if (out / name).exists()]
     if taken:
-        raise FileExistsError(f"{out} already holds {taken[0]} (and {len(taken) - 1} more of this benchmark's files): choose a new out=DIR")
+        raise FileExistsError(
+            f"{out} already holds {taken[0]} (and {len(taken) - 1} more of this benchmark's files): choose a new out=DIR"
+        )
     seed, batch_size = int(sampling.get("seed", 0)), int(sampling.get("batch_size", 8))
     record = {
         "benchmark": plan.benchmark,

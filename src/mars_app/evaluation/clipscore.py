@@ -43,6 +43,12 @@ class CLIPFeatures(nn.Module):
         self.model = model
         self.config = model.config
 
+    def describe(self) -> str:
+        """The image tower in words (ViT-L/14 reads "patch 14, 224 px, 24 layers, width 1024")."""
+        vision = self.config.vision_config
+        return (f"CLIP image tower: patch {vision.patch_size}, {vision.image_size} px, {vision.num_hidden_layers} layers, "
+                f"width {vision.hidden_size}; projection {self.config.projection_dim}")
+
     @staticmethod
     def _tensor(output) -> torch.Tensor:
         return output if isinstance(output, torch.Tensor) else output.pooler_output

@@ -59,7 +59,8 @@ def weights_record(path: Path) -> dict:
     if path.is_dir():
         found = [path / name for name in HF_WEIGHT_FILES if (path / name).is_file()]
         if not found:
-            raise FileNotFoundError(f"{path} has no weights file ({', '.join(HF_WEIGHT_FILES)}): is it a save_pretrained directory?")
+            names = ", ".join(HF_WEIGHT_FILES)
+            raise FileNotFoundError(f"{path} has no weights file ({names}): is it a save_pretrained directory?")
         path = found[0]
     return {"weights": str(path), "sha256": sha256_file(path)}
 

@@ -61,8 +61,8 @@ def clipscore(cfg: DictConfig, images: Path, out: Path) -> dict:
     pairs = ((image, prompts[path]) for path, image in read_images(list(prompts), skipped))
     model, processor = load_clip(directory)
     value, count = clip_score(model, processor, pairs, total=len(prompts), batch_size=cfg.batch_size, device=cfg.device)
-    protocol = {"model": str(directory), **weights_record(directory), "convention": CONVENTION, "images": count,
-                "skipped": skipped, "generation": generation_record(images)}
+    protocol = {"model": str(directory), "architecture": model.describe(), **weights_record(directory),
+                "convention": CONVENTION, "images": count, "skipped": skipped, "generation": generation_record(images)}
     return write_summary(out / "clipscore_summary.json", "clipscore", {"clipscore": value}, protocol)
 
 
@@ -81,7 +81,8 @@ def compbench(cfg: DictConfig, images: Path, out: Path) -> dict:
     if names & set(CLIP_CATEGORIES):
         directory = require_path("compbench.clip", cfg.compbench.clip, directory=True)
         clip = load_clip(directory)
-        models["clip"] = {"model": str(directory), **weights_record(directory), "score": "mean cosine (torchmetrics CLIPScore / 100)"}
+        models["clip"] = {"model": str(directory), "architecture": clip[0].describe(), **weights_record(directory),
+                          "score": "mean cosine (torchmetrics CLIPScore / 100)"}
     scores, counts, skipped, not_scored, rows = {}, {}, [], {}, []
     for folder in folders:
         category, items = folder.name, category_images(folder)
@@ -96,11 +97,13 @@ def compbench(cfg: DictConfig, images: Path, out: Path) -> dict:
                                                  device=cfg.device, desc=f"CLIP {category}")
             scores[category] = value / 100  # T2I-CompBench's score is the mean raw cosine
         else:
-            not_scored[category] = f"needs {OFFICIAL_ONLY.get(category, 'a scorer not available here')}: run the official scorer ({DOCS})"
+            scorer = OFFICIAL_ONLY.get(category, "a scorer not available here")
+            not_scored[category] = f"needs {scorer}: run the official scorer ({DOCS})"
             print(f"compbench {category}: not scored here, {not_scored[category]}")
     if rows:
         write_text_atomic(out / "compbench_results.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    protocol = {**models, "images": counts, "skipped": skipped, "not_scored": not_scored, "generation": generation_record(images)}
+    protocol = {**models, "images": counts, "skipped": skipped, "not_scored": not_scored,
+                "generation": generation_record(images)}
     return write_summary(out / "compbench_summary.json", "compbench", scores, protocol)
 
 
