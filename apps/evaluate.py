@@ -13,6 +13,11 @@ render``): a caption is right when it names the scene's colours, shapes and rela
 (``mars_data.shapes.caption_correct``: any grammar form in either language, or a restatement). It
 prints and writes ``caption_summary.json`` (per language and all: accuracy, count) next to the
 captions file (or to ``out``).
+
+task=fid|clipscore|compbench|geneval score the folder that ``apps/generate.py benchmark=...``
+wrote (``images=DIR``) with local weights (options in conf/evaluate.yaml) and write
+``<task>_summary.json`` (the numbers and the protocol they were measured under) to ``out``
+(default: DIR): ``mars_app.evaluation.tasks``, docs/EVALUATION.md.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import hydra
 from omegaconf import DictConfig
 from PIL import Image
 
+from mars_app.evaluation.tasks import TASKS as BENCHMARK_TASKS
+from mars_app.evaluation.tasks import evaluate_benchmark
 from mars_data.shapes import METRICS, read_prompts, score_image, summarize
 
 log = logging.getLogger(__name__)
@@ -91,11 +98,15 @@ def evaluate_captions(cfg: DictConfig) -> dict:
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    """Score the images (task=shapes) or captions (task=captions); returns the summary."""
+    """Score the images (task=shapes, or a benchmark task) or captions (task=captions); returns the summary."""
+    if cfg.task in BENCHMARK_TASKS:
+        return evaluate_benchmark(cfg)
+    if cfg.task not in ("shapes", "captions"):
+        raise ValueError(f"unknown evaluation task {cfg.task!r}; known: shapes, captions, {', '.join(BENCHMARK_TASKS)}")
+    if not cfg.get("prompts"):
+        raise ValueError(f"task={cfg.task} needs prompts=FILE.jsonl")
     if cfg.task == "captions":
         return evaluate_captions(cfg)
-    if cfg.task != "shapes":
-        raise ValueError(f"unknown evaluation task {cfg.task!r}; known: shapes, captions")
     if not cfg.get("images"):
         raise ValueError("task=shapes needs images=DIR")
     records = read_prompts(cfg.prompts)

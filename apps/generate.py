@@ -12,6 +12,10 @@ DIR (png/jpg/jpeg, file-name order; an image of any size is fitted to the traine
 the nearest aspect ratio, and the row says ``"resized": "640x480 -> 64x64"``; an unreadable
 file is reported and skipped). Sampling options (cfg_scale, temperature, top_k, top_p,
 seed, batch_size, kv_cache, resolution) are in conf/generate.yaml; see docs/GENERATION.md.
+
+``benchmark=coco|compbench|geneval prompts=FILE`` draws a benchmark's prompt file
+(``images_per_prompt`` each, image k with seed + k) into the layout its scorers read
+(``mars_app.evaluation.benchmarks``; scoring: apps/evaluate.py, docs/EVALUATION.md).
 """
 
 from __future__ import annotations
@@ -88,6 +92,8 @@ def generate(cfg: DictConfig) -> dict:
     """Run the configured task; returns {"images": [paths], "grid": path | None} or {"captions": [...], "out": path}."""
     if cfg.task not in ("t2i", "caption"):
         raise ValueError(f"unknown task {cfg.task!r}; known: t2i, caption")
+    if cfg.task == "t2i" and cfg.get("benchmark"):
+        return draw_benchmark_prompts(cfg)
     # inputs are checked before the model is loaded
     if cfg.task == "t2i":
         prompts = t2i_prompts(cfg)
@@ -97,6 +103,15 @@ def generate(cfg: DictConfig) -> dict:
         paths = list_images(cfg.images)
     pipeline = MarsPipeline.from_pretrained(cfg.ckpt, llm_path=cfg.llm_path, device=cfg.device)
     return draw(cfg, pipeline, prompts) if cfg.task == "t2i" else caption(cfg, pipeline, paths)
+
+
+def draw_benchmark_prompts(cfg: DictConfig) -> dict:
+    from mars_app.evaluation.benchmarks import benchmark_plan, draw_benchmark
+
+    plan = benchmark_plan(cfg.benchmark, cfg.prompts, cfg.images_per_prompt, cfg.benchmark_limit)  # checked before loading
+    pipeline = MarsPipeline.from_pretrained(cfg.ckpt, llm_path=cfg.llm_path, device=cfg.device)
+    options = ("cfg_scale", "temperature", "top_k", "top_p", "seed", "batch_size", "kv_cache", "resolution")
+    return draw_benchmark(pipeline, plan, cfg.out or cfg.paths.output_dir, {key: cfg[key] for key in options}, cfg.ckpt)
 
 
 def t2i_prompts(cfg: DictConfig) -> list[str]:
