@@ -25,7 +25,9 @@ from mars_app.serve import build_app, describe, launch
 def serve(cfg: DictConfig, block: bool = True) -> gr.Blocks:
     """Load the checkpoint and serve the demo; ``block=False`` returns the running app (tests)."""
     if cfg.superres is not None:
-        raise ValueError(f"superres={cfg.superres}: super-resolution is not available yet (stage III is not implemented); leave superres unset")
+        raise ValueError(
+            f"superres={cfg.superres}: super-resolution is not available yet (stage III is not implemented); leave superres unset"
+        )
     if not 0 < int(cfg.port) < 65536:
         raise ValueError(f"port={cfg.port} is not a TCP port (1-65535)")
     pipeline = MarsPipeline.from_pretrained(cfg.ckpt, llm_path=cfg.llm_path, device=cfg.device)

@@ -1,6 +1,7 @@
 """The web demo in a real browser: headless Chromium (Debian's, driven by selenium through
 chromedriver) loads the page, types a Chinese prompt, clicks Draw, waits for the image and saves
-a screenshot of the page; the picture shown must be the requested size.
+a screenshot of the page; the picture shown must be the requested size. Then it uploads a
+picture to the caption tab and waits for the answer.
 
 Needs the system packages chromium and chromium-driver (``make system-deps``); skipped where
 they are missing. ``MARS_SCREENSHOT=docs/serve.png`` also writes the screenshot there (the
@@ -67,6 +68,15 @@ def test_page_draws_a_typed_prompt_at_the_requested_size(browser, tmp_path):
         assert browser.find_element(By.CSS_SELECTOR, "#prompt textarea").get_attribute("value") == PROMPT
         shot = tmp_path / "serve.png"
         assert browser.save_screenshot(str(shot))
+
+        # the caption tab: upload a picture of another size, get a caption and the resize note
+        Image.new("RGB", (80, 40), "white").save(tmp_path / "upload.png")
+        browser.find_element(By.XPATH, "//button[@role='tab'][contains(., 'Caption')]").click()
+        wait.until(ready.presence_of_element_located((By.CSS_SELECTOR, "input[type=file]"))).send_keys(str(tmp_path / "upload.png"))
+        wait.until(ready.presence_of_element_located((By.CSS_SELECTOR, "#upload img")))  # uploaded and shown
+        browser.find_element(By.CSS_SELECTOR, "#caption").click()
+        note = wait.until(lambda driver: driver.find_element(By.CSS_SELECTOR, "#caption-note").text)
+        assert note == "The image is 80x40: resized to 64x64, the nearest size this model was trained on."
     with Image.open(shot) as image:
         assert image.size[0] > 500
     if os.environ.get("MARS_SCREENSHOT"):

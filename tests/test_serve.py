@@ -122,6 +122,11 @@ def test_captions_an_upload_resized_to_the_nearest_trained_size(client, pipeline
     square.save(tmp_path / "square.png")
     caption, note = client.predict(handle_file(str(tmp_path / "square.png")), api_name="/caption")
     assert note == "The image is 16x16, a size this model was trained on." and caption == pipeline.caption(square)[0]
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(AppError, match=r"the uploaded image notes.png: not a readable image \(cannot identify"):
+        client.predict(handle_file(str(tmp_path / "notes.png")), api_name="/caption")
+    with pytest.raises(AppError, match="No image: upload one to caption"):
+        client.predict(None, api_name="/caption")
 
 
 @pytest.mark.parametrize(

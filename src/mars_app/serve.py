@@ -21,7 +21,8 @@ Design choices:
   scene's layout as text (greedy, so the same for every image of a request); the page shows
   that text, written by ``MarsPipeline.write_plans`` on the prompt the pipeline builds.
 - **Captions of any image.** An uploaded image is read by ``mars_data.images.load_image`` (the
-  one image reader: refuses decompression bombs), resized to the trained size nearest in
+  one image reader: refuses decompression bombs; Gradio's own decoding of the input is off),
+  resized to the trained size nearest in
   aspect ratio, then in area, and the answer says when it was resized and to what.
 - **Errors are one line.** An empty prompt, an unreadable upload or an unknown size raise
   ``gr.Error`` with a message saying what to change; the page shows it, API clients get it.
@@ -76,16 +77,13 @@ def build_app(
     sizes = [resolution_text(*r) for r in pipeline.resolutions]
     defaults = pipeline.sampling
 
-    def draw(prompt, resolution, cfg_scale, temperature, top_k, top_p, seed, num_images, progress=gr.Progress(track_tqdm=True)):
+    # ``progress``: Gradio fills it in and follows the pipeline's tqdm bar with it. The dropdown
+    # and the slider refuse sizes and counts out of their choices before this runs.
+    def draw(prompt, resolution, cfg_scale, temperature, top_k, top_p, seed, num_images,
+             progress=gr.Progress(track_tqdm=True)):
         if not prompt or not prompt.strip():
             raise gr.Error("The prompt is empty: write what to draw, in English or Chinese.")
-        try:
-            size = pipeline.resolution(resolution)
-        except ValueError as error:  # a size the dropdown lets through only from an API call
-            raise gr.Error(str(error)) from error
-        if not 1 <= int(num_images) <= max_images:
-            raise gr.Error(f"Number of images must be 1 to {max_images}, got {num_images}.")
-        seed = int(seed)
+        size, seed = pipeline.resolution(resolution), int(seed)
         images = pipeline.generate(
             [prompt] * int(num_images),
             cfg_scale=cfg_scale,
@@ -100,11 +98,11 @@ def build_app(
         plan = plan_text(pipeline, prompt, size) if pipeline.plan else ""
         return [(image, f"seed {seed + i}") for i, image in enumerate(images)], plan
 
-    def caption(path):
-        if not path:
+    def caption(upload):  # Gradio's FileData of the upload, already in its upload cache
+        if not upload:
             raise gr.Error("No image: upload one to caption.")
         try:
-            image = load_image(path, what="the uploaded image")
+            image = load_image(upload["path"], what=f"the uploaded image {upload.get('orig_name') or ''}".strip())
         except ImageError as error:
             raise gr.Error(str(error)) from error
         size = nearest_resolution(image.size, pipeline.resolutions)
@@ -132,31 +130,41 @@ def build_app(
                     number = gr.Slider(1, max_images, value=1, step=1, label="Number of images")
                     seed = gr.Number(0, precision=0, label="Seed (image i draws with seed + i)")
                     with gr.Accordion("Sampling", open=False):
-                        cfg_scale = gr.Slider(1.0, 10.0, value=defaults.cfg_scale, step=0.1, label="Guidance scale (1 = none)")
-                        temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05, label="Temperature (0 = greedy)")
-                        top_k = gr.Slider(0, pipeline.vocab.num_codes, value=defaults.top_k, step=1, label="Top-k (0 = no cut)")
+                        cfg_scale = gr.Slider(1.0, 10.0, value=defaults.cfg_scale, step=0.1,
+                                              label="Guidance scale (1 = none)")
+                        temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05,
+                                                label="Temperature (0 = greedy)")
+                        top_k = gr.Slider(0, pipeline.vocab.num_codes, value=defaults.top_k, step=1,
+                                          label="Top-k (0 = no cut)")
                         top_p = gr.Slider(0.01, 1.0, value=defaults.top_p, step=0.01, label="Top-p (1 = no cut)")
                 with gr.Column():
-                    gallery = gr.Gallery(label="Images", format="png", columns=4, height="auto", object_fit="contain", elem_id="images")
-                    plan = gr.Textbox(label="Plan the model wrote before drawing", visible=pipeline.plan, interactive=False)
+                    gallery = gr.Gallery(label="Images", format="png", columns=4, height="auto", object_fit="contain",
+                                         elem_id="images")
+                    plan = gr.Textbox(label="Plan the model wrote before drawing", visible=pipeline.plan,
+                                      interactive=False)
             if examples:
                 gr.Examples([[e] for e in examples], inputs=[prompt], label="Examples (English and Chinese)")
         with gr.Tab("Caption"):
             with gr.Row():
                 with gr.Column():
-                    upload = gr.Image(type="filepath", format="png", sources=["upload", "clipboard"], label="Image")
-                    caption_button = gr.Button("Caption", variant="primary")
+                    upload = gr.Image(type="filepath", format="png", sources=["upload", "clipboard"], label="Image",
+                                      elem_id="upload")
+                    caption_button = gr.Button("Caption", variant="primary", elem_id="caption")
                 with gr.Column():
                     caption_box = gr.Textbox(label="Caption", interactive=False)
-                    note = gr.Markdown()
+                    note = gr.Markdown(elem_id="caption-note")
         inputs = [prompt, resolution, cfg_scale, temperature, top_k, top_p, seed, number]
         gr.on([button.click, prompt.submit], draw, inputs, [gallery, plan], api_name="draw", concurrency_id=MODEL_JOBS)
-        caption_button.click(caption, [upload], [caption_box, note], api_name="caption", concurrency_id=MODEL_JOBS)
+        # preprocess=False: the upload reaches load_image undecoded, whose errors are one line
+        caption_button.click(caption, [upload], [caption_box, note], api_name="caption", concurrency_id=MODEL_JOBS,
+                             preprocess=False)
     app.queue(default_concurrency_limit=1)
     return app
 
 
-def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: bool = True, max_file_size: str | int | None = "20mb") -> gr.Blocks:
+def launch(
+    app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: bool = True, max_file_size: str | int | None = "20mb"
+) -> gr.Blocks:
     """Serve ``app`` at http://host:port; ``block=False`` returns once it is up (tests)."""
     try:
         app.launch(
