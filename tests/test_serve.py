@@ -13,6 +13,7 @@ import pytest
 import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from gradio_client.utils import Status
 from PIL import Image
 
 from apps.serve import serve
@@ -110,6 +111,25 @@ def test_the_progress_bar_counts_the_images(client):
         time.sleep(0.01)
     assert len(job.result()[0]) == 3
     assert progress and all(desc == "generating" and length == 3 for desc, _, length in progress)
+
+
+def test_requests_wait_for_the_one_model(client, pipeline, tmp_path):
+    """A caption sent while a drawing runs starts only after it (run side by side, it would end first)."""
+    pipeline.generate(EN)[0].save(tmp_path / "image.png")
+    drawing = client.submit(EN, "64x64", 2.0, 1.0, 20, 0.9, 0, 3, api_name="/draw")
+    running = (Status.PROCESSING, Status.PROGRESS)
+    while drawing.status().code not in running:
+        assert not drawing.done()
+        time.sleep(0.005)
+    captioning = client.submit(handle_file(str(tmp_path / "image.png")), api_name="/caption")
+    seen = []
+    while not captioning.done():
+        caption_code = captioning.status().code  # read first: if the drawing still runs after, both ran at once
+        seen.append((caption_code, drawing.status().code))
+        time.sleep(0.005)
+    assert any(c == Status.IN_QUEUE and d in running for c, d in seen)
+    assert not [(c, d) for c, d in seen if c in (*running, Status.FINISHED) and d in running]
+    assert drawing.result() and captioning.result()
 
 
 def test_captions_an_upload_resized_to_the_nearest_trained_size(client, pipeline, tmp_path):
