@@ -117,7 +117,8 @@ def build_app(
         [text] = pipeline.caption(image)
         return text, note
 
-    with gr.Blocks(title=title, analytics_enabled=False) as app:
+    # delete_cache: the images and uploads Gradio keeps for the page, removed after an hour
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         gr.Markdown(f"# {title}" + (f"\n{description}" if description else ""))
         with gr.Tab("Draw"):
             with gr.Row():
