@@ -1,5 +1,7 @@
 # make demo   the embedded default: the shapes world trained end to end on CPU
 # make test   the test suite (tiny models, CPU)
+# make serve  the web demo (Gradio) on the checkpoint `make demo` trained: http://127.0.0.1:7860
+# make system-deps  (root) Debian packages: a CJK font, headless Chromium for the browser test
 # Both create .venv and install everything on first use (torch 2.13.0, never torchvision).
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
@@ -29,3 +31,16 @@ demo: setup
 
 clean:
 	rm -rf $(VENV) logs artifacts
+
+# apps/demo.py writes its MARS checkpoint to <out_dir of conf/demo.yaml>/stage1/mars
+DEMO_CKPT ?= artifacts/demo/stage1/mars
+.PHONY: serve system-deps
+serve: setup
+	@test -f $(DEMO_CKPT)/mars.json || { echo "error: no MARS checkpoint at $(DEMO_CKPT): run 'make demo' first (or: $(PY) apps/serve.py ckpt=DIR)" >&2; exit 1; }
+	$(PY) apps/serve.py ckpt=$(DEMO_CKPT)
+
+# Chinese glyphs (sample grid, web page) and the browser test's Chromium with its driver, from
+# Debian's packages; needs root; nothing is fetched when they are installed already
+SYSTEM_PACKAGES := fonts-noto-cjk chromium chromium-driver
+system-deps:
+	@dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); }

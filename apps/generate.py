@@ -48,12 +48,40 @@ def list_images(directory: str | Path) -> list[Path]:
     return paths
 
 
+# (file, face) of a font with Chinese glyphs, found by path when grid_font is not set: Debian's
+# fonts-noto-cjk (`make system-deps`; face 2 is Simplified Chinese), then Fedora's, then macOS's
+CJK_FONTS = (
+    ("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc", 2),
+    ("/usr/share/fonts/google-noto-cjk/NotoSansCJK-Regular.ttc", 2),
+    ("/System/Library/Fonts/PingFang.ttc", 0),
+)
+
+
+def grid_font(font_path: str | None = None, size: int = 12) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """The labels' font: ``font_path``, else the first CJK font of ``CJK_FONTS`` present, else
+    Pillow's default (no Chinese glyphs: one warning)."""
+    if font_path:
+        try:
+            return ImageFont.truetype(font_path, size)
+        except OSError as error:
+            raise ValueError(f"grid_font={font_path}: not a readable TrueType font ({error})") from error
+    for path, face in CJK_FONTS:
+        if Path(path).is_file():
+            return ImageFont.truetype(path, size, index=face)
+    log.warning(
+        "no CJK font found (looked for %s): Chinese grid labels will show as boxes; install fonts-noto-cjk "
+        "(make system-deps) or set grid_font=FILE", ", ".join(path for path, _ in CJK_FONTS)
+    )
+    return ImageFont.load_default(size)
+
+
 def image_grid(images: list[Image.Image], labels: list[str], columns: int = 8, font_path: str | None = None) -> Image.Image:
-    """Images in rows of ``columns``, each enlarged to at least 128 px wide, its label under it."""
+    """Images in rows of ``columns``, each enlarged to at least 128 px wide, its label under it
+    (in ``grid_font(font_path)``)."""
     scale = max(1, -(-128 // max(image.width for image in images)))
     width = max(image.width for image in images) * scale
     height = max(image.height for image in images) * scale
-    font = ImageFont.truetype(font_path, 12) if font_path else ImageFont.load_default(12)
+    font = grid_font(font_path)
     wrapped = [wrap(label, font, width - 4) for label in labels]
     line = font.getbbox("Ag")[3] + 2
     band = line * max(len(lines) for lines in wrapped) + 4

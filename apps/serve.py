@@ -1,0 +1,47 @@
+"""The web demo: draw and caption with a MARS checkpoint in the browser (Gradio).
+
+    python apps/serve.py ckpt=DIR [port=7860] [host=0.0.0.0]
+    make serve                      # on the checkpoint `make demo` trained
+
+Loads the checkpoint once (``MarsPipeline.from_pretrained``) and serves the page of
+``mars_app.serve.build_app`` until stopped (Ctrl-C). Options: conf/serve.yaml. ``superres=DIR``
+is reserved for the cascaded super-resolution stage, which is not implemented yet: set, it is
+refused before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import gradio as gr
+import hydra
+from omegaconf import DictConfig
+
+from mars_app.pipeline import MarsPipeline
+from mars_app.serve import build_app, describe, launch
+
+
+def serve(cfg: DictConfig, block: bool = True) -> gr.Blocks:
+    """Load the checkpoint and serve the demo; ``block=False`` returns the running app (tests)."""
+    if cfg.superres is not None:
+        raise ValueError(
+            f"superres={cfg.superres}: super-resolution is not available yet (stage III is not implemented); leave superres unset"
+        )
+    if not 0 < int(cfg.port) < 65536:
+        raise ValueError(f"port={cfg.port} is not a TCP port (1-65535)")
+    pipeline = MarsPipeline.from_pretrained(cfg.ckpt, llm_path=cfg.llm_path, device=cfg.device)
+    app = build_app(pipeline, list(cfg.examples), cfg.max_images, cfg.title, describe(pipeline, Path(cfg.ckpt).name))
+    print(f"MARS demo on http://{cfg.host}:{cfg.port} (checkpoint {cfg.ckpt}); Ctrl-C stops it", flush=True)
+    return launch(app, cfg.host, int(cfg.port), block, cfg.max_file_size)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
+def main(cfg: DictConfig) -> None:
+    # Gradio pings its own server at start; Hydra's logging would print each request
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    serve(cfg)
+
+
+if __name__ == "__main__":
+    main()
