@@ -1,6 +1,6 @@
 """Captions of the shapes world: the prompt grammar in English and Chinese, written and parsed.
 
-The grammar (SHAPES_WORLD.md) has a handful of forms per language; ``FORMS`` names them and
+The grammar (docs/SHAPES_WORLD.md) has a handful of forms per language; ``FORMS`` names them and
 ``write_caption`` can write each one, so tests can check that every form is produced and that
 every produced caption parses back to its scene. The parser is strict about vocabulary (an
 unknown word is an error that names it, so a typo in a prompt file is caught rather than

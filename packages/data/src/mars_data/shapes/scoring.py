@@ -13,7 +13,7 @@ Detection uses only the world's definitions, no learned model:
 4. its centre is the centre of its bounding box, which is the scene's (cx, cy) for all three
    shapes.
 
-Scoring follows SHAPES_WORLD.md: binding is correct when the found objects are exactly the
+Scoring follows docs/SHAPES_WORLD.md: binding is correct when the found objects are exactly the
 requested (colour, shape) pairs; spatial is correct when binding is and A's centre lies on
 the requested side of B's by more than ``MIN_OFFSET`` of the canvas along the relation's axis,
 and further along that axis than across it (a spatial hit therefore implies a binding hit).

@@ -1,6 +1,6 @@
 """The bilingual shapes world: palette, shapes, scene sampler and renderer.
 
-Everything here follows /shared/SHAPES_WORLD.md exactly. Positions and sizes are fractions of
+Everything here follows docs/SHAPES_WORLD.md exactly. Positions and sizes are fractions of
 the canvas side, so a scene renders at any size; a non-square canvas scales x by the width and
 y by the height (a circle on a 2:1 canvas is an ellipse twice as wide as high, as the world
 defines it). The renderer rasterises by testing pixel centres against the exact geometry:
