@@ -44,9 +44,9 @@ class ShardDataModule(L.LightningDataModule):
             one square size is stage I's resize + centre crop. None keeps stored sizes.
             Batches are bucketed by size either way.
 
-    ``batch_stage``: set by a training module before the loaders are made (Lightning calls the
-    module's ``setup`` first): a picklable ``stage(batches, skips) -> batches`` run in the
-    DataLoader workers, where the module builds its training sequences.
+    ``batch_stage`` / ``val_batch_stage``: set by a training module before the loaders are made
+    (Lightning calls the module's ``setup`` first): a picklable ``stage(batches, skips) ->
+    batches`` run last in the DataLoader workers, where the module builds its sequences.
     """
 
     def __init__(
@@ -77,7 +77,7 @@ class ShardDataModule(L.LightningDataModule):
         sizes = [parse_resolution(r) for r in resolutions] if resolutions else None
         self.decoding = {"load_images": load_images, "load_codes": load_codes, "resolutions": sizes}
         self.skips = SkipCounter()
-        self.batch_stage = None
+        self.batch_stage = self.val_batch_stage = None
 
     @property
     def skipped(self) -> int:
@@ -120,7 +120,7 @@ class ShardDataModule(L.LightningDataModule):
             return []  # Lightning then runs no validation
         pipeline = shard_pipeline(
             expand_urls(self.val_shards), batch_size=self.val_batch_size, skips=self.skips,
-            batch_stage=self.batch_stage, **self.decoding,
+            batch_stage=self.val_batch_stage, **self.decoding,
         )
         return self._loader(pipeline)
 
