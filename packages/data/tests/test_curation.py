@@ -353,3 +353,72 @@ def test_a_missing_model_path_names_the_option(models, tmp_path):
                           "recaption": {"enabled": False}})
     with pytest.raises(ValueError, match=r"curate\.clip: unknown keys \['treshold'\]"):
         Recipe.from_dict({"clip": {"treshold": 0.3}})
+
+
+CONF = Path(__file__).resolve().parents[3] / "conf"
+
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose(config_name="curate", overrides=list(overrides))
+
+
+def test_the_recipes_compose(models):
+    from omegaconf import OmegaConf
+
+    paths = [f"curate.clip.model={models['clip']}", f"curate.aesthetic.head={models['head']}",
+             f"curate.recaption.model={models['vlm']}", "input=x", "output=y"]
+    paper = Recipe.from_dict(OmegaConf.to_container(compose(*paths).curate))
+    assert (paper.size.min_short_side, paper.size.max_aspect_ratio) == (256, 2.0)
+    assert paper.clip.enabled and paper.aesthetic.enabled and paper.recaption.enabled and paper.dedup
+    assert "very detailed" in paper.recaption.prompt
+    tiny = Recipe.from_dict(OmegaConf.to_container(compose("curate=tiny", *paths).curate))
+    assert tiny.name == "tiny" and tiny.size == paper.size and tiny.clip.min_score is None and tiny.clip.batch_size == 8
+    with pytest.raises(ValueError, match=r"curate\.clip\.model is not set"):
+        Recipe.from_dict(OmegaConf.to_container(compose("input=x", "output=y").curate))
+
+
+@pytest.mark.slow
+def test_the_app_killed_mid_run_resumes_to_the_same_shards(local_ray, models, tmp_path):
+    """A real kill (SIGKILL of the app's process group, its own local Ray included) while the
+    output shards appear, then a rerun of the same command; compared with one in-process run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from omegaconf import OmegaConf
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(8):
+        write_tar(shards / f"k-{s:06d}.tar", [sample(f"k{s}_{i}", image_bytes(256 + 16 * i, 256, 100 * s + i), f"picture {s} {i}")
+                                              for i in range(4)])
+    overrides = ["curate=tiny", f"curate.clip.model={models['clip']}", f"curate.aesthetic.head={models['head']}",
+                 f"curate.recaption.model={models['vlm']}", "curate.clip.top_fraction=0.5", "curate.recaption.max_new_tokens=8",
+                 f"input={shards}"]
+    command = [sys.executable, str(CONF.parent / "apps" / "curate.py"), *overrides, f"output={tmp_path / 'killed'}",
+               "ray.num_cpus=4", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "killed").glob("*.tar")) and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    written = sorted(p.name for p in (tmp_path / "killed").glob("*.tar"))
+    assert 0 < len(written) < 8, f"the kill came too late or too early: {written}"
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+
+    recipe = Recipe.from_dict(OmegaConf.to_container(compose(*overrides, "output=unused").curate))
+    curate(shards, tmp_path / "whole", recipe, progress=False)
+    for shard in sorted((tmp_path / "whole").glob("*.tar")):
+        assert (tmp_path / "killed" / shard.name).read_bytes() == shard.read_bytes(), shard.name
+    report = json.loads((tmp_path / "killed" / "curation_report.json").read_text())
+    assert report["shards"]["finished_before"] == len(written) and report["shards"]["curated"] == 8 - len(written)
