@@ -28,6 +28,7 @@ ray = pytest.importorskip("ray")
 transformers = pytest.importorskip("transformers")
 
 from mars_data.curation import AestheticHead, Recipe, curate  # noqa: E402
+from mars_data.curation.tiny import save_random_clip, save_random_vlm  # noqa: E402
 from mars_data.tars import read_samples, split_key  # noqa: E402
 
 # the reference predictor's state dict (sac+logos+ava1-l14-linearMSE.pth): keys and shapes
@@ -55,61 +56,6 @@ class ReferenceMLP(nn.Module):
 
 def reference_mlp() -> ReferenceMLP:
     return ReferenceMLP()
-
-
-def byte_vocab() -> list[str]:
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    return sorted(ByteLevel.alphabet())
-
-
-def save_tiny_clip(path: Path) -> None:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    chars = byte_vocab()
-    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    path.mkdir(parents=True)
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                              tokenizer=tokenizer)
-    end = vocab["<|endoftext|>"]
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=end, pad_token_id=end),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8),
-        projection_dim=768)  # ViT-L/14's embedding size, which the aesthetic head reads
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(path)
-    processor.save_pretrained(path)
-
-
-def save_tiny_vlm(path: Path) -> None:
-    """A tiny LLaVA (CLIP vision tower, Llama text model) with a byte-level tokenizer and chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(byte_vocab())}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>",
-                                        additional_special_tokens=["<image>"])
-    template = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% else %}"
-                "{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}")
-    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
-                               tokenizer=tokenizer, patch_size=8, num_additional_image_tokens=1,
-                               vision_feature_select_strategy="default", chat_template=template)
-    config = LlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                           num_attention_heads=2, image_size=16, patch_size=8, initializer_range=1.0),
-        text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, initializer_range=1.0),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
-        vision_feature_layer=-1)
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(config).save_pretrained(path)
-    processor.save_pretrained(path)
 
 
 def image_bytes(width: int, height: int, seed: int, fmt: str = "JPEG") -> bytes:
@@ -178,8 +124,8 @@ def shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    save_tiny_clip(root / "clip")
-    save_tiny_vlm(root / "vlm")
+    save_random_clip(root / "clip")
+    save_random_vlm(root / "vlm")
     torch.manual_seed(1)
     torch.save(reference_mlp().state_dict(), root / "aesthetic.pth")  # same keys as the published files
     return {"clip": root / "clip", "vlm": root / "vlm", "head": root / "aesthetic.pth"}
