@@ -9,19 +9,17 @@ report it also writes as JSON.
 from __future__ import annotations
 
 import json
-import logging
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mars_data.curation import Recipe, curate
 
-log = logging.getLogger(__name__)
-
 
 def run(cfg: DictConfig) -> dict:
     recipe = Recipe.from_dict(OmegaConf.to_container(cfg.curate, resolve=True))
-    report = curate(cfg.input, cfg.output, recipe, address=cfg.ray.address, num_cpus=cfg.ray.num_cpus,
+    shards = OmegaConf.to_container(cfg.input) if OmegaConf.is_list(cfg.input) else cfg.input
+    report = curate(shards, cfg.output, recipe, address=cfg.ray.address, num_cpus=cfg.ray.num_cpus,
                     max_shards=cfg.max_shards, report=cfg.report)
     print(json.dumps(report, indent=2, ensure_ascii=False))
     return report

@@ -37,6 +37,7 @@ from mars_data.curation.pipeline import Selector, local_shards
 from mars_data.curation.shards import read_shard, write_shard
 from mars_data.curation.steps import ClipAesthetic, rows_to_batch
 from mars_data.curation.tiny import save_random_clip
+from mars_data.tars import member
 
 
 def write_shards(root: Path, shards: int, per_shard: int) -> None:
@@ -51,8 +52,7 @@ def write_shards(root: Path, shards: int, per_shard: int) -> None:
                 key = f"{s:05d}{i:04d}"
                 for ext, data in (("jpg", buffer.getvalue()), ("txt", f"picture {key}".encode()),
                                   ("json", json.dumps({"key": key, "width": width, "height": height}).encode())):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
+                    info, data = member(f"{key}.{ext}", data)
                     tar.addfile(info, io.BytesIO(data))
 
 

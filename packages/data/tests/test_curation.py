@@ -29,7 +29,7 @@ transformers = pytest.importorskip("transformers")
 
 from mars_data.curation import AestheticHead, Recipe, curate  # noqa: E402
 from mars_data.curation.tiny import save_random_clip, save_random_vlm  # noqa: E402
-from mars_data.tars import read_samples, split_key  # noqa: E402
+from mars_data.tars import member, read_samples, split_key  # noqa: E402
 
 # the reference predictor's state dict (sac+logos+ava1-l14-linearMSE.pth): keys and shapes
 REFERENCE_LAYOUT = {
@@ -80,8 +80,7 @@ def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
     with tarfile.open(path, "w") as tar:
         for key, members in samples:
             for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
+                info, data = member(f"{key}.{ext}", data)
                 tar.addfile(info, io.BytesIO(data))
 
 
@@ -253,7 +252,8 @@ def test_each_filter_keeps_and_drops_exactly(local_ray, shards, models, direct, 
 def test_killed_run_resumes_to_the_same_shards(local_ray, shards, models, direct, tmp_path):
     # per-shard top half by CLIP score and dedup across shards: both depend on what earlier
     # shards kept, which the resumed run must reconstruct from the finished output shard
-    selection = recipe(models, clip__top_fraction=0.5)
+    # (recaptioning is off here to keep the test short; the slow SIGKILL test has it on)
+    selection = recipe(models, clip__top_fraction=0.5, recaption__enabled=False)
     full = tmp_path / "full"
     curate(shards, full, selection, progress=False)
     parts = tmp_path / "parts"

@@ -18,6 +18,7 @@ as it passes them in input order, and so writes what an uninterrupted run writes
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -62,8 +63,6 @@ def versions(recipe: Recipe) -> dict[str, str]:
     if recipe.aesthetic.enabled:
         out["aesthetic"] = fingerprint(recipe.aesthetic.head)
     if recipe.recaption.enabled:
-        import hashlib
-
         prompt = hashlib.sha256(recipe.recaption.prompt.encode()).hexdigest()[:8]
         out["recaption"] = f"{fingerprint(recipe.recaption.model)} prompt@{prompt} max_new_tokens={recipe.recaption.max_new_tokens}"
     return out
@@ -133,7 +132,7 @@ class Selector:
         self.examples: dict[str, list[str]] = defaultdict(list)
         self.samples_in = self.kept = 0
 
-    def _drop(self, row: dict, step: str, reason: str) -> None:
+    def _drop(self, step: str, reason: str) -> None:
         self.dropped[step] += 1
         if len(self.examples[step]) < EXAMPLES:
             self.examples[step].append(reason)
@@ -150,9 +149,9 @@ class Selector:
         candidates = []
         for row in rows:
             if row["drop"]:
-                self._drop(row, row["drop"], row["reason"])
+                self._drop(row["drop"], row["reason"])
             elif self.recipe.dedup and row["sha256"] in self.seen:
-                self._drop(row, "duplicate", f"{self.sources[index].name}:{row['key']}: duplicate image {row['sha256'][:12]}")
+                self._drop("duplicate", f"{self.sources[index].name}:{row['key']}: duplicate image {row['sha256'][:12]}")
             else:
                 candidates.append(row)
                 if self.recipe.dedup:
@@ -166,7 +165,7 @@ class Selector:
             chosen = {id(r) for r in ranked[:keep]}
             for row in candidates:
                 if id(row) not in chosen:
-                    self._drop(row, f"{step}_top_fraction", f"{self.sources[index].name}:{row['key']}: {step} score "
+                    self._drop(f"{step}_top_fraction", f"{self.sources[index].name}:{row['key']}: {step} score "
                                                             f"{row[f'{step}_score']:.4f} below the shard's best {fraction}")
             candidates = [r for r in candidates if id(r) in chosen]
         self.kept += len(candidates)
