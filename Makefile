@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml packages/*/pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e packages/core -e packages/tokenizer -e packages/semvie -e packages/data -e packages/superres -e ".[dev]"
+	$(PY) -m pip install --quiet -e packages/core -e packages/tokenizer -e packages/semvie -e "packages/data[curation]" -e packages/superres -e ".[dev]"
 	# taming-transformers' own modules, for the checkpoint-parity tests only; --no-deps because
 	# its metadata asks for torchvision, which breaks this torch
 	$(PY) -m pip install --quiet --no-deps taming-transformers-rom1504==0.0.6
