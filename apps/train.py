@@ -7,13 +7,13 @@ Resume with ``ckpt_path=<run dir>/checkpoints/last.ckpt``.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
+
+from mars_core.io import write_json_atomic
 
 
 def instantiate_dict(cfg: DictConfig | None) -> list:
@@ -21,14 +21,6 @@ def instantiate_dict(cfg: DictConfig | None) -> list:
     if not cfg:
         return []
     return [hydra.utils.instantiate(entry) for entry in cfg.values() if entry and "_target_" in entry]
-
-
-def write_json_atomic(data: dict, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -53,12 +45,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(hparams)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    # weights_only: a checkpoint holding pickled objects (code) is refused, never run
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["global_step"] = float(trainer.global_step)
     if trainer.is_global_zero and cfg.get("metrics_file"):
-        write_json_atomic(metrics, cfg.metrics_file)
+        write_json_atomic(cfg.metrics_file, metrics)
     return metrics
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,9 +62,10 @@ def write_json_atomic(path: str | Path, data) -> None:
 
 
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:
-    """Remove the temporary files that killed writers left in ``directory``; returns them."""
+    """Remove the temporaries that killed writers left in ``directory`` (files, and directories
+    of writers that build a whole tree under the same marker); returns them."""
     directory = Path(directory)
-    stale = [p for p in directory.glob(f".*{TMP_MARK}*") if p.is_file()] if directory.is_dir() else []
+    stale = list(directory.glob(f".*{TMP_MARK}*")) if directory.is_dir() else []
     for p in stale:
-        p.unlink()
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     return stale
