@@ -11,7 +11,10 @@ Design choices:
   on resume the first epoch skips that many batches (after decoding, so the skipped batches
   are the very ones the first run trained on, bad samples and size buckets included). The
   count comes from the trainer's own progress (batches processed), not from the loader,
-  because Lightning fetches batches ahead of the one being trained.
+  because Lightning fetches batches ahead of the one being trained. A checkpoint written after
+  an epoch's last batch points at the start of the next epoch: Lightning creates a resumed
+  run's first iterator before it moves its epoch counter past the finished epoch, so the
+  loader takes the later of the two epochs (``start``).
 - The global generators stay untouched by data loading: loaders get their own
   ``torch.Generator`` for worker seeds, so the model's random draws (dropout, caption dropout,
   codebook restarts) match between the two runs once the checkpoint restores them.
@@ -48,6 +51,10 @@ class StreamPosition:
         self.resume_epoch = -1
         self.resume_batches = 0
 
+    def start(self, trainer_epoch: int) -> None:
+        """An epoch starts: the trainer's epoch, or the resume point when that is later."""
+        self.epoch = max(int(trainer_epoch), self.resume_epoch)
+
     def skip(self) -> int:
         """Batches of the current epoch that the interrupted run already trained on."""
         return self.resume_batches if self.epoch == self.resume_epoch else 0
@@ -60,8 +67,10 @@ class StreamPosition:
     def state_dict(self, trainer) -> dict:
         # Lightning's count of batches trained in this epoch (it prefetches, so the loader's own
         # count would be ahead); processed is complete when a checkpoint is written
-        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"seed": self.seed, "epoch": int(trainer.current_epoch), "batches": int(batches)}
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        if progress.is_last_batch:  # the epoch is over: resume at the next one's start
+            return {"seed": self.seed, "epoch": int(trainer.current_epoch) + 1, "batches": 0}
+        return {"seed": self.seed, "epoch": int(trainer.current_epoch), "batches": int(progress.current.processed)}
 
     def load_state_dict(self, state: dict) -> None:
         if int(state["seed"]) != self.seed:
@@ -89,7 +98,7 @@ class ResumableSampler(Sampler[int]):
         self.position = position
 
     def set_epoch(self, epoch: int) -> None:
-        self.position.epoch = int(epoch)
+        self.position.start(epoch)
 
     def __len__(self) -> int:
         return self.num_samples

@@ -45,7 +45,7 @@ class EpochLoader(DataLoader):
         self.current_epoch = epoch  # a callable: the trainer's epoch
 
     def __iter__(self):
-        self.position.epoch = self.current_epoch()
+        self.position.start(self.current_epoch())
         return super().__iter__()
 
 
