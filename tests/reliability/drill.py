@@ -72,7 +72,11 @@ def run_drill(args: list[str], kills: list[tuple[int, bool]], tmp: Path) -> dict
     report["stale_after_restart"] = temporaries(checkpoints)
     expected, got = weights(tmp / "reference" / "checkpoints" / "last.ckpt"), weights(last)
     assert expected.keys() == got.keys()
-    report["max_difference"] = max((expected[k].double() - got[k].double()).abs().max().item() for k in expected)
+    report["differences"] = {}  # largest absolute difference per group: weights, ema, quantizer_usage
+    for key in expected:
+        group = "ema" if key.startswith("ema/") else "quantizer_usage" if key == "quantizer_usage" else "weights"
+        difference = (expected[key].double() - got[key].double()).abs().max().item()
+        report["differences"][group] = max(difference, report["differences"].get(group, 0.0))
     report["reference_step"] = safe_load(tmp / "reference" / "checkpoints" / "last.ckpt")["global_step"]
     report["drill_step"] = safe_load(last)["global_step"]
     return report
