@@ -184,6 +184,8 @@ class ShardReader:
                 read += 1
                 yield sample
             expected = expected_samples(url)
+            if failed and read == 0:  # missing or unreadable: counted once, by the handler
+                continue
             if expected is not None and read < expected:
                 self.skips.skip(url, "truncated_shard", f"{read} of the {expected} samples its manifest lists", expected - read)
             elif read == 0 and not failed:
