@@ -26,6 +26,7 @@ import hydra
 from omegaconf import DictConfig
 from PIL import Image
 
+from mars_app.cli import run_app
 from mars_data.shapes import METRICS, read_prompts, score_image, summarize
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,10 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ValueError(f"unknown evaluation task {cfg.task!r}; known: shapes, captions")
     if not cfg.get("images"):
         raise ValueError("task=shapes needs images=DIR")
-    records = read_prompts(cfg.prompts)
     images = Path(cfg.images)
+    if not images.is_dir():  # else every image would be scored as missing: all zeros, exit 0
+        raise FileNotFoundError(f"images={images} is not a directory of generated images")
+    records = read_prompts(cfg.prompts)
     results = []
     for index, record in enumerate(records):
         name = cfg.image_name.format(index=index)
@@ -121,7 +124,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    run_app(evaluate, cfg)
 
 
 if __name__ == "__main__":

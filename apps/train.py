@@ -13,6 +13,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from mars_app.cli import run_app
 from mars_core.io import write_json_atomic
 
 
@@ -57,7 +58,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    run_app(train, cfg)
 
 
 if __name__ == "__main__":
