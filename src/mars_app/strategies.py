@@ -100,7 +100,9 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
         super().save_checkpoint(checkpoint, tmp, storage_options)
         self.barrier("mars_deepspeed_save_end")
         if self.is_global_zero:
-            old = filepath.with_name(f".{filepath.name}{TMP_MARK}old")
+            # not a temporary: a kill between the two renames leaves the previous checkpoint
+            # only here, and the next start must not clear it
+            old = filepath.with_name(f".{filepath.name}.previous")
             if filepath.exists():
                 os.replace(filepath, old)
             os.replace(tmp, filepath)
