@@ -15,7 +15,7 @@ from PIL import Image
 from apps.train import train
 from mars_data import ShardDataModule
 from mars_data.shapes import write_shards
-from mars_data.tars import read_samples, write_manifest
+from mars_data.tars import read_samples, write_manifest, write_samples
 from mars_data.webdata import DataError
 from tests.test_tokenizer_app import TINY
 
@@ -28,16 +28,6 @@ TINY_TOKENIZER = [
 
 def batches(datamodule: ShardDataModule) -> list[dict]:
     return list(datamodule.train_dataloader())
-
-
-def write_tar(path: Path, samples: dict[str, dict[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples.items():
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def bomb_png() -> bytes:
@@ -72,8 +62,8 @@ def test_empty_shard_bomb_image_and_missing_shard_are_counted_and_skipped(shards
     samples = {key: {info.name.split(".", 1)[1]: data for info, data in members} for key, members in read_samples(shards / "shapes-000002.tar")}
     first = sorted(samples)[0]
     samples[first]["png"] = bomb_png()
-    write_tar(shards / "shapes-000002.tar", samples)
-    write_tar(shards / "shapes-000003.tar", {})  # a shard with no sample at all
+    write_samples(shards / "shapes-000002.tar", samples)
+    write_samples(shards / "shapes-000003.tar", {})  # a shard with no sample at all
     write_manifest(shards, {"shapes-000003.tar": 0})
     datamodule = ShardDataModule(str(shards), batch_size=4, shuffle_buffer=8, image_size=None)
     loader = datamodule.train_dataloader()  # the shard list is taken now ...
@@ -91,7 +81,7 @@ def test_a_run_on_data_with_no_usable_sample_stops_within_60_s_naming_shards_and
     bad = tmp_path / "bad"
     bad.mkdir()
     for shard in range(2):
-        write_tar(bad / f"bad-{shard}.tar", {f"{shard}{i:03d}": {"png": b"not a png", "txt": b"a red circle"} for i in range(10)})
+        write_samples(bad / f"bad-{shard}.tar", {f"{shard}{i:03d}": {"png": b"not a png", "txt": b"a red circle"} for i in range(10)})
     cfg = make_cfg([*TINY_TOKENIZER, f"data.train_shards={bad}", "data.image_size=32", "data.batch_size=4",
                     "data.num_workers=0", "data.max_failures=200", "trainer.max_steps=5"])
     start = time.monotonic()
@@ -107,7 +97,7 @@ def test_skips_are_logged_as_metrics_per_reason(make_cfg, shards):
     samples = {key: {info.name.split(".", 1)[1]: data for info, data in members} for key, members in read_samples(shards / "shapes-000000.tar")}
     for key in sorted(samples)[:2]:
         samples[key]["png"] = b"garbage"
-    write_tar(shards / "shapes-000000.tar", samples)
+    write_samples(shards / "shapes-000000.tar", samples)
     cfg = make_cfg([*TINY_TOKENIZER, f"data.train_shards={shards}", "data.image_size=32", "data.batch_size=4",
                     "data.num_workers=0", "data.shuffle_buffer=0", "trainer.max_steps=6"])
     metrics = train(cfg)

@@ -4,47 +4,39 @@ weights of the uninterrupted run; ``last.ckpt`` always loads; no temporary file 
 
 from __future__ import annotations
 
-import io
 import json
 import random
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, Qwen2Config
 
-from mars_app.lm_corpus import restatement
 from mars_data import shapes
-from mars_data.tars import member, npy_member, write_manifest
-from mars_semvie.text import qwen_tokenizer
-from mars_tokenizer import VQGANConfig, VQTokenizer
+from mars_data.tars import npy_member, write_manifest, write_samples
 from tests.reliability.drill import run_drill
+from tests.test_t2i import make_checkpoints
+from tests.test_tokenizer_app import TINY
 
 # chained: killed at step 3, resumed and killed at 5, inside the save of step 6, at 8, at 11
 KILLS = [(3, False), (5, False), (6, True), (8, False), (11, False)]
 STEPS = ["trainer.max_steps=12", "callbacks.model_checkpoint.every_n_train_steps=2", "logger=csv"]
 
+# the tokenizer app's tiny model with a discriminator from step 4 and dead-code restarts every
+# 3 steps (they draw random encoder outputs and read the usage counts), on 40 shapes scenes:
+# 5 batches an epoch, so the drill crosses two epoch ends
 TOKENIZER = [
     "experiment=shapes_tokenizer",
-    "data.num_train_samples=40",  # 5 batches an epoch: the drill crosses two epoch ends
+    *(o for o in TINY if o.startswith("model.") and not o.startswith(("model.disc_start", "model.restart_every"))),
+    "model.disc_start=4",
+    "model.restart_every=3",
+    "model.vqgan.codebook_size=32",
+    "model.warmup_steps=2",
+    "data.num_train_samples=40",
     "data.num_val_samples=0",
     "data.samples_per_shard=16",
     "data.size=32",
     "data.batch_size=8",
     "data.processes=1",
-    "model.vqgan.patch_size=2",
-    "model.vqgan.ch=8",
-    "model.vqgan.ch_mult=[1,2]",
-    "model.vqgan.norm_groups=4",
-    "model.vqgan.z_channels=8",
-    "model.vqgan.codebook_size=32",
-    "model.disc_weight=0.5",
-    "model.disc_start=4",
-    "model.disc_ndf=8",
-    "model.restart_every=3",  # dead-code restarts draw random encoder outputs and read the usage counts
-    "model.warmup_steps=2",
     "trainer.max_time=null",
 ]
 
@@ -86,35 +78,23 @@ def test_text_lm_run_killed_five_times_ends_like_an_uninterrupted_one(tmp_path):
 
 
 def stage1_inputs(root: Path) -> list[str]:
-    """A tiny text LLM and VQ tokenizer saved by path, and 40 pre-tokenized shapes samples
-    (16 px: 4x4 codes of the tiny VQ) in two shards with their manifest."""
+    """The stage I tests' tiny text LLM and VQ tokenizer, saved by path, and 40 pre-tokenized
+    shapes samples (4x4 codes of the tiny VQ) in two shards with their manifest."""
+    saved = make_checkpoints(root)
     rng = random.Random(0)
     records = [shapes.sample_record(rng, size=16) for _ in range(40)]
-    tokenizer = qwen_tokenizer(trim_to=[r["prompt"] for r in records] + [restatement(r["scene"]) for r in records])
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(root / "llm")
-    tokenizer.save_pretrained(root / "llm")
-    VQTokenizer(VQGANConfig.from_preset("tiny")).save_pretrained(root / "vq")
     codes = np.random.default_rng(0).integers(0, 32, size=(40, 4, 4), dtype=np.int16)
-    (root / "codes").mkdir()
     for shard in range(2):
-        with tarfile.open(root / "codes" / f"codes-{shard:06d}.tar", "w") as tar:
-            for i in range(shard * 20, shard * 20 + 20):
-                for info, data in (
-                    member(f"{i:09d}.txt", records[i]["prompt"].encode()),
-                    member(f"{i:09d}.json", json.dumps(records[i]).encode()),
-                    npy_member(f"{i:09d}.codes.npy", codes[i]),
-                ):
-                    tar.addfile(info, io.BytesIO(data))
+        samples = {}
+        for i in range(shard * 20, shard * 20 + 20):
+            _, npy = npy_member("codes.npy", codes[i])
+            samples[f"{i:09d}"] = {"txt": records[i]["prompt"].encode(), "json": json.dumps(records[i]).encode(), "codes.npy": npy}
+        write_samples(root / "codes" / f"codes-{shard:06d}.tar", samples)
     write_manifest(root / "codes", {f"codes-{s:06d}.tar": 20 for s in range(2)})
     return [
         "experiment=shapes_stage1",
-        f"model.llm_path={root / 'llm'}",
-        f"model.tokenizer_path={root / 'vq'}",
+        f"model.llm_path={saved['llm']}",
+        f"model.tokenizer_path={saved['vq']}",
         f"data.train_shards={root / 'codes'}",
         "data.batch_size=8",  # 5 batches an epoch, read by one worker process
         "data.shuffle_buffer=16",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mars_core.io import write_json_atomic
+from mars_core.io import atomic_path, write_json_atomic
 
 MANIFEST = "shards.json"
 Member = tuple[tarfile.TarInfo, bytes]
@@ -44,6 +44,16 @@ def read_samples(path: str | Path) -> Iterator[tuple[str, list[Member]]]:
             members.append((info, tar.extractfile(info).read()))
     if members:
         yield key, members
+
+
+def write_samples(path: str | Path, samples: dict[str, dict[str, bytes]]) -> Path:
+    """Write ``{key: {extension: bytes}}`` as a shard (atomically: ``mars_core.io``)."""
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
+        for key, members in samples.items():
+            for extension, data in members.items():
+                info, data = member(f"{key}.{extension}", data)
+                tar.addfile(info, io.BytesIO(data))
+    return Path(path)
 
 
 def member(name: str, data: bytes) -> Member:
