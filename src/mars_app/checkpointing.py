@@ -22,7 +22,6 @@ Design choices:
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 from pathlib import Path
@@ -128,7 +127,9 @@ class RandomState(L.Callback):
         self._pending: dict | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rank": int(os.environ.get("RANK", 0)), "states": _rng_states()}
+        # rank 0 writes the checkpoint: every rank resumes with its generators (Lightning seeds
+        # all ranks alike, so their streams agree unless a module draws per rank)
+        return {"states": _rng_states()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict["states"]
