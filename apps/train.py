@@ -7,13 +7,14 @@ Resume with ``ckpt_path=<run dir>/checkpoints/last.ckpt``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from mars_app.cli import run_app
+from mars_app.cli import check_options, run_app
 from mars_core.io import write_json_atomic
 
 
@@ -24,8 +25,19 @@ def instantiate_dict(cfg: DictConfig | None) -> list:
     return [hydra.utils.instantiate(entry) for entry in cfg.values() if entry and "_target_" in entry]
 
 
+@dataclass
+class TrainOptions:
+    """The typed top-level options of conf/train.yaml, checked before anything is built."""
+
+    task_name: str = "train"
+    seed: int = 42
+    ckpt_path: str | None = None
+    metrics_file: str | None = None
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured model on the configured data; returns the final logged metrics."""
+    check_options(cfg, TrainOptions, "conf/train.yaml")
     if cfg.get("model") is None or cfg.get("data") is None:
         raise ValueError(
             "No model or data chosen: pick an experiment, e.g. `python apps/train.py "

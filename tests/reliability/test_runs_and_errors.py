@@ -56,6 +56,11 @@ def test_option_types_are_checked_before_the_model_loads(make_cfg, tmp_path):
             generate(make_cfg([f"ckpt={tmp_path / 'nowhere'}", "prompt=a red circle", option], config_name="generate"))
 
 
+def test_train_options_are_checked_before_anything_is_built(make_cfg):
+    with pytest.raises(OptionError, match="seed='x'"):
+        train(make_cfg([*TINY, "seed=x"]))
+
+
 def test_apps_print_one_line_and_exit_2_for_bad_input(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "a red circle"}\n')
