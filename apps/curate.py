@@ -13,6 +13,7 @@ import json
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from mars_app.cli import run_app
 from mars_data.curation import Recipe, curate
 
 
@@ -27,7 +28,7 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="curate")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    run_app(run, cfg)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from typing import Callable
 import hydra
 from omegaconf import DictConfig
 
+from mars_app.cli import run_app
+
 APPS = Path(__file__).resolve().parent
 
 
@@ -137,6 +139,10 @@ def run_steps(steps: list[Step | tuple[Step | list[Step], ...]], out: Path) -> N
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="demo")
 def main(cfg: DictConfig) -> None:
+    run_app(demo, cfg)
+
+
+def demo(cfg: DictConfig) -> None:
     out = Path(cfg.out_dir).resolve()
     start = time.monotonic()
     run_steps(demo_steps(cfg, out), out)

@@ -31,6 +31,7 @@ import hydra
 from omegaconf import DictConfig
 from PIL import Image
 
+from mars_app.cli import run_app
 from mars_app.evaluation.tasks import TASKS as BENCHMARK_TASKS
 from mars_app.evaluation.tasks import evaluate_benchmark
 from mars_data.shapes import METRICS, read_prompts, score_image, summarize
@@ -109,8 +110,10 @@ def evaluate(cfg: DictConfig) -> dict:
         return evaluate_captions(cfg)
     if not cfg.get("images"):
         raise ValueError("task=shapes needs images=DIR")
-    records = read_prompts(cfg.prompts)
     images = Path(cfg.images)
+    if not images.is_dir():  # else every image would be scored as missing: all zeros, exit 0
+        raise FileNotFoundError(f"images={images} is not a directory of generated images")
+    records = read_prompts(cfg.prompts)
     results = []
     for index, record in enumerate(records):
         name = cfg.image_name.format(index=index)
@@ -132,7 +135,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    run_app(evaluate, cfg)
 
 
 if __name__ == "__main__":

@@ -16,18 +16,25 @@ seed, batch_size, kv_cache, resolution) are in conf/generate.yaml; see docs/GENE
 ``benchmark=coco|compbench|geneval prompts=FILE`` draws a benchmark's prompt file
 (``images_per_prompt`` each, image k with seed + k) into the layout its scorers read
 (``mars_app.evaluation.benchmarks``; scoring: apps/evaluate.py, docs/EVALUATION.md).
+
+Nothing of the user's is overwritten: a non-empty ``out`` (or an existing caption file) is
+refused unless ``overwrite=true``, which first removes the images an earlier run left there so
+no stale ones remain. Options and inputs are checked before the model loads or anything is
+written (``mars_app.cli``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw, ImageFont
 
+from mars_app.cli import check_options, run_app
 from mars_app.pipeline import MarsPipeline
 from mars_core.io import write_text_atomic
 from mars_data.images import ImageError, load_image
@@ -36,6 +43,44 @@ from mars_data.shapes import read_prompts
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass
+class GenerateOptions:
+    """The typed options of conf/generate.yaml, checked before the model loads."""
+
+    task: str = "t2i"
+    cfg_scale: float | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    batch_size: int = 8
+    kv_cache: bool = True
+    max_new_tokens: int = 48
+    grid: bool = False
+    grid_columns: int = 8
+    overwrite: bool = False
+
+
+def check_out(cfg: DictConfig) -> None:
+    """Refuse to write over earlier results unless ``overwrite=true``; with it, remove the
+    images of an earlier run in ``out`` (t2i) so none is left stale."""
+    if not cfg.get("out"):
+        return  # the run's own new directory
+    out = Path(cfg.out)
+    if cfg.task == "caption":
+        if out.exists() and not cfg.overwrite:
+            raise FileExistsError(f"out={out} exists: pass overwrite=true to replace it, or choose another file")
+        return
+    if out.is_dir() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise FileExistsError(f"out={out} is not empty: pass overwrite=true to replace its images, or choose another directory")
+        for path in out.iterdir():
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                path.unlink()
+    elif out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out={out} is a file: task=t2i writes a directory of images")
 
 
 def list_images(directory: str | Path) -> list[Path]:
@@ -118,6 +163,7 @@ def wrap(text: str, font, width: int) -> list[str]:
 
 def generate(cfg: DictConfig) -> dict:
     """Run the configured task; returns {"images": [paths], "grid": path | None} or {"captions": [...], "out": path}."""
+    check_options(cfg, GenerateOptions, "conf/generate.yaml")
     if cfg.task not in ("t2i", "caption"):
         raise ValueError(f"unknown task {cfg.task!r}; known: t2i, caption")
     if cfg.task == "t2i" and cfg.get("benchmark"):
@@ -129,6 +175,7 @@ def generate(cfg: DictConfig) -> dict:
         raise ValueError("task=caption needs images=DIR")
     else:
         paths = list_images(cfg.images)
+    check_out(cfg)
     pipeline = MarsPipeline.from_pretrained(cfg.ckpt, llm_path=cfg.llm_path, device=cfg.device)
     return draw(cfg, pipeline, prompts) if cfg.task == "t2i" else caption(cfg, pipeline, paths)
 
@@ -218,7 +265,7 @@ def caption(cfg: DictConfig, pipeline: MarsPipeline, paths: list[Path]) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
-    generate(cfg)
+    run_app(generate, cfg)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from mars_app.cli import run_app
 from mars_semvie import SemVIEForCausalLM
 
 
@@ -41,7 +42,7 @@ def inspect_model(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="inspect_model")
 def main(cfg: DictConfig) -> None:
-    inspect_model(cfg)
+    run_app(inspect_model, cfg)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import gradio as gr
 import hydra
 from omegaconf import DictConfig
 
+from mars_app.cli import run_app
 from mars_app.pipeline import MarsPipeline
 from mars_app.serve import build_app, describe, launch
 
@@ -40,7 +41,7 @@ def serve(cfg: DictConfig, block: bool = True) -> gr.Blocks:
 def main(cfg: DictConfig) -> None:
     # Gradio pings its own server at start; Hydra's logging would print each request
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    serve(cfg)
+    run_app(serve, cfg)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ decompression bomb) is copied without codes, and a shard that cannot be read is 
 both are counted per reason with their shard and key, and reported at the end
 (``tokenize_report.json`` in ``output``). Each shard is written to a temporary file beside its
 target and renamed when complete, so a finished shard is never partial; a rerun skips the
-shards already written (resume after an interruption) and clears temporaries a kill left.
+shards already written (resume after an interruption) and clears temporaries a kill left. The
+output's ``shards.json`` lists each shard's sample count, so a reader notices a shard cut short.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from mars_app.cli import run_app
 from mars_core.io import atomic_path, remove_stale_temporaries, write_json_atomic
 from mars_data.images import ImageError, parse_resolution
-from mars_data.tars import Member, npy_member, read_samples, split_key
+from mars_data.tars import Member, npy_member, read_samples, split_key, write_manifest
 from mars_data.webdata import CODES_KEY, IMAGE_KEYS, decode_image, expand_urls
 from mars_tokenizer import VQTokenizer
 
@@ -94,7 +96,9 @@ class ShardTokenizer:
             self.skip("unreadable image", f"{source}/{key}: {str(error).split(': ', 1)[-1]}")
             return None
 
-    def tokenize_shard(self, source: str, target: Path, bar: tqdm) -> None:
+    def tokenize_shard(self, source: str, target: Path, bar: tqdm) -> int:
+        """Write ``target``; returns its number of samples."""
+        samples = 0
         with atomic_path(target) as tmp, tarfile.open(tmp, "w") as out:
             pending: list = []
 
@@ -108,9 +112,11 @@ class ShardTokenizer:
             for key, members in read_samples(source):
                 members = [(info, data) for info, data in members if split_key(info.name)[1] != CODES_KEY]
                 pending.append((key, members, self.prepare(source, key, members)))
+                samples += 1
                 if len(pending) == self.batch_size:
                     flush()
             flush()
+        return samples
 
 
 def tokenize_shards(cfg: DictConfig) -> list[Path]:
@@ -136,10 +142,11 @@ def tokenize_shards(cfg: DictConfig) -> list[Path]:
                 written.append(target)
                 continue
             try:
-                worker.tokenize_shard(source, target, bar)
+                samples = worker.tokenize_shard(source, target, bar)
             except (OSError, tarfile.TarError, EOFError) as error:
                 worker.skip("unreadable shard", f"{source}: {type(error).__name__}: {error}")
                 continue
+            write_manifest(output, {name: samples})  # readers detect a shard cut short later
             written.append(target)
     report = {
         "shards_in": len(sources),
@@ -158,7 +165,7 @@ def tokenize_shards(cfg: DictConfig) -> list[Path]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="tokenize_shards")
 def main(cfg: DictConfig) -> None:
-    tokenize_shards(cfg)
+    run_app(tokenize_shards, cfg)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,15 @@ Resume with ``ckpt_path=<run dir>/checkpoints/last.ckpt``.
 
 from __future__ import annotations
 
-import json
-import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
+
+from mars_app.cli import check_options, run_app
+from mars_core.io import write_json_atomic
 
 
 def instantiate_dict(cfg: DictConfig | None) -> list:
@@ -23,16 +25,19 @@ def instantiate_dict(cfg: DictConfig | None) -> list:
     return [hydra.utils.instantiate(entry) for entry in cfg.values() if entry and "_target_" in entry]
 
 
-def write_json_atomic(data: dict, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+@dataclass
+class TrainOptions:
+    """The typed top-level options of conf/train.yaml, checked before anything is built."""
+
+    task_name: str = "train"
+    seed: int = 42
+    ckpt_path: str | None = None
+    metrics_file: str | None = None
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured model on the configured data; returns the final logged metrics."""
+    check_options(cfg, TrainOptions, "conf/train.yaml")
     if cfg.get("model") is None or cfg.get("data") is None:
         raise ValueError(
             "No model or data chosen: pick an experiment, e.g. `python apps/train.py "
@@ -53,18 +58,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(hparams)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    # weights_only: a checkpoint holding pickled objects (code) is refused, never run
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["global_step"] = float(trainer.global_step)
     if trainer.is_global_zero and cfg.get("metrics_file"):
-        write_json_atomic(metrics, cfg.metrics_file)
+        write_json_atomic(cfg.metrics_file, metrics)
     return metrics
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    run_app(train, cfg)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ INSTALL = {
     "core": ["packages/core"],
     "tokenizer": ["packages/core", "packages/tokenizer"],
     "semvie": ["packages/core", "packages/semvie"],
-    "data": ["packages/data"],
+    "data": ["packages/core", "packages/data"],
     "superres": ["packages/core", "packages/semvie", "packages/superres"],
 }
 

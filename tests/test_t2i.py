@@ -37,8 +37,11 @@ EVAL = ["model.evaluator.num=8", "model.evaluator.periodic_num=4", "model.evalua
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    return make_checkpoints(tmp_path_factory.mktemp("checkpoints"))
+
+
+def make_checkpoints(root: Path) -> dict[str, Path]:
     """{"llm": tiny Qwen2 + tokenizer dir, "vq": tiny VQ tokenizer dir, "shards": 16 px shards}."""
-    root = tmp_path_factory.mktemp("checkpoints")
     rng = random.Random(0)
     texts = [shapes.sample_record(rng)["prompt"] for _ in range(400)] + ["64x64 16x16 32x16"]
     tokenizer = qwen_tokenizer(trim_to=texts)

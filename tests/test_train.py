@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from apps.train import train
 

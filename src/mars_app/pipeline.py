@@ -11,6 +11,10 @@ A MARS checkpoint directory (``save_pretrained`` / ``from_pretrained``)::
     tokenizer/        VQTokenizer.save_pretrained: the image tokenizer
     text_tokenizer/   the text LLM's Hugging Face tokenizer (save_pretrained)
 
+``mars.json`` also lists the sha256 of every other file of the directory (``"sha256"``);
+``from_pretrained`` checks them before loading anything, so a changed, truncated or bit-flipped
+file is refused with an error naming it. Weights are safetensors files: loading runs no code.
+
 Design choices:
 - Prompts and captioning inputs are built only with ``mars_semvie.sequences`` (the layouts
   training uses); sampling is ``mars_semvie.sampling.generate``.
@@ -36,6 +40,7 @@ Design choices:
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -45,6 +50,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from mars_core.io import checksums, verify_checksums, write_json_atomic
 from mars_data.images import parse_resolution, prepare_image
 from mars_semvie import SemVIEForCausalLM
 from mars_semvie.sampling import generate as sample_tokens
@@ -128,7 +134,9 @@ class MarsPipeline:
             "plan": self.plan,
             "sampling": asdict(self.sampling),
         }
-        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        files = [p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() and p.name != CONFIG_NAME]
+        config["sha256"] = checksums(directory, files)
+        write_json_atomic(directory / CONFIG_NAME, config)  # last: a directory with mars.json is complete
         return directory
 
     @classmethod
@@ -150,6 +158,12 @@ class MarsPipeline:
         config = json.loads((directory / CONFIG_NAME).read_text())
         if config.get("format") != FORMAT:
             raise ValueError(f"{directory / CONFIG_NAME} is not a {FORMAT} config (format={config.get('format')!r})")
+        if "sha256" not in config:
+            warnings.warn(f"{directory / CONFIG_NAME} lists no sha256 (saved before checksums): files not verified")
+        verify_checksums(directory, config.get("sha256", {}), directory / CONFIG_NAME)
+        text_tokenizer = directory / TEXT_TOKENIZER_DIR / "tokenizer.json"
+        if not text_tokenizer.is_file():  # transformers would blame a missing sentencepiece/tiktoken
+            raise FileNotFoundError(f"{text_tokenizer} is missing: the text tokenizer of this checkpoint is incomplete")
         model = SemVIEForCausalLM.from_pretrained(directory / SEMVIE_DIR, llm_path=llm_path).to(device)
         return cls(
             model,

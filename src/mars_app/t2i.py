@@ -263,11 +263,16 @@ class TextToImageModule(L.LightningModule):
         if self.ema_decay is not None and self.ema is None:
             self.ema = {n: p.detach().float().clone() for n, p in self._trainable().items()}
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # the EMA follows every optimizer step here, before the callbacks' on_train_batch_end
+        # (where checkpoints are saved): a checkpoint holds the EMA of the weights it holds
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             with torch.no_grad():
                 for name, p in self._trainable().items():
                     self.ema[name].lerp_(p.detach().float(), 1 - self.ema_decay)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         every = getattr(self.evaluator, "every_n_steps", None)
         last = self.global_step == self.trainer.max_steps  # the final evaluation follows in on_train_end
         if every and self.global_step % every == 0 and not last:

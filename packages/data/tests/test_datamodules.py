@@ -14,18 +14,8 @@ from PIL import Image
 
 from mars_data import ShapesDataModule, ShardDataModule
 from mars_data.shapes import render, write_shards
+from mars_data.tars import write_samples
 from mars_data.webdata import expand_urls
-
-
-def write_tar(path, samples):
-    """Write {key: {ext: bytes}} samples as a tar shard."""
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples.items():
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def encode(image, fmt="PNG"):
@@ -112,7 +102,7 @@ def test_img2dataset_layout_with_jpg_fitted_to_resolutions(tmp_path):
         image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         meta = {"url": f"https://example.com/{i}.jpg", "caption": f"photo {i}", "width": w, "height": h}
         samples[f"{i:09d}"] = {"jpg": encode(image, "JPEG"), "txt": f"photo {i}".encode(), "json": json.dumps(meta).encode()}
-    shard = write_tar(tmp_path / "00000.tar", samples)
+    shard = write_samples(tmp_path / "00000.tar", samples)
     (batch,) = all_batches(ShardDataModule(str(shard), batch_size=4, resolutions=["32x32"], shuffle_buffer=0))
     assert batch["image"].shape == (3, 3, 32, 32)  # stage I: resize + centre crop
     assert batch["caption"] == ["photo 0", "photo 1", "photo 2"]
@@ -132,7 +122,7 @@ def test_codes_without_decoding_images(tmp_path):
         if i != 5:  # the last sample was never tokenized
             members["codes.npy"] = codes.getvalue()
         samples[f"{i:09d}"] = members
-    shard = write_tar(tmp_path / "codes.tar", samples)
+    shard = write_samples(tmp_path / "codes.tar", samples)
     datamodule = ShardDataModule(str(shard), batch_size=8, shuffle_buffer=0, load_images=False, load_codes=True)
     (batch,) = all_batches(datamodule)
     assert "image" not in batch
@@ -154,7 +144,7 @@ def test_corrupt_members_and_shards_are_skipped_counted_and_logged(tmp_path, sha
     samples[keys[0]]["png"] = b"\x89PNG garbage"  # undecodable image
     samples[keys[1]]["png"] = samples[keys[1]]["png"][:40]  # truncated image
     del samples[keys[2]]["png"]  # no image at all
-    write_tar(tmp_path / "a.tar", samples)
+    write_samples(tmp_path / "a.tar", samples)
     (tmp_path / "b.tar").write_bytes(good[:cut])  # shard cut off inside a member
     (tmp_path / "c.tar").write_bytes(b"this is no tar file" * 100)
 

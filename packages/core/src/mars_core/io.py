@@ -5,12 +5,18 @@ The new content goes to a temporary file in the target's own directory (so the f
 renamed over the target; the directory is fsynced so the rename survives a power cut. On an
 exception the temporary file is removed. A process killed mid-write leaves a ``.<name>.tmp-*``
 file beside the target; ``remove_stale_temporaries`` clears them on the next start.
+
+Checksums: saved models list the sha256 of each weights file in their JSON config
+(``checksums``) and loaders check them (``verify_checksums``): a file changed, truncated or hit
+by flipped bits is refused with an error naming it, instead of loading and drawing silently.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,9 +67,41 @@ def write_json_atomic(path: str | Path, data) -> None:
 
 
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:
-    """Remove the temporary files that killed writers left in ``directory``; returns them."""
+    """Remove the temporaries that killed writers left in ``directory`` (files, and directories
+    of writers that build a whole tree under the same marker); returns them."""
     directory = Path(directory)
-    stale = [p for p in directory.glob(f".*{TMP_MARK}*") if p.is_file()] if directory.is_dir() else []
+    stale = list(directory.glob(f".*{TMP_MARK}*")) if directory.is_dir() else []
     for p in stale:
-        p.unlink()
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     return stale
+
+
+class ChecksumError(ValueError):
+    """A file whose content is not what its manifest recorded."""
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checksums(directory: str | Path, names: list[str]) -> dict[str, str]:
+    """``{name: sha256}`` of the files ``names`` (paths relative to ``directory``)."""
+    return {name: sha256_file(Path(directory) / name) for name in sorted(names)}
+
+
+def verify_checksums(directory: str | Path, expected: dict[str, str], manifest: str | Path) -> None:
+    """Raise ``ChecksumError`` naming the first file of ``expected`` that is missing or differs."""
+    directory = Path(directory)
+    for name, digest in expected.items():
+        path = directory / name
+        if not path.is_file():
+            raise ChecksumError(f"{path} is missing ({manifest} lists it)")
+        if sha256_file(path) != digest:
+            raise ChecksumError(
+                f"{path} does not match the sha256 in {manifest}: the file was changed, truncated or "
+                f"corrupted after it was saved; restore it from the original checkpoint"
+            )

@@ -4,23 +4,66 @@
 directories, paths, brace patterns or URLs); ``ShapesDataModule`` is the same over the shapes
 world, whose ``prepare_data`` writes the shards first if they are not there yet (Lightning
 calls it once per node, before ``setup``), so a training run needs no separate data step.
+
+Resuming (``mars_core.resume``): the training stream's order is a function of
+(``shuffle_seed``, epoch), and the datamodule's ``state_dict`` (saved in every Lightning
+checkpoint) holds the epoch and the batches trained in it; a resumed run skips those and
+continues with exactly the batches the interrupted one would have read. The loader's workers
+are restarted at every epoch (not persistent) so they see the epoch number, and worker seeds
+come from the loader's own generator, not the global one the model draws from.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
+from mars_core.io import write_json_atomic
+from mars_core.resume import StreamPosition
 from mars_data.images import parse_resolution
 from mars_data.shapes.captions import LANGS
 from mars_data.shapes.shards import write_shards
 from mars_data.webdata import SkipCounter, expand_urls, shard_pipeline
+
+log = logging.getLogger(__name__)
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader over a pipeline that tells the pipeline's ``StreamPosition`` the trainer's
+    epoch each time an epoch starts (before the workers copy it)."""
+
+    def __init__(self, pipeline, position: StreamPosition, epoch, **kwargs):
+        super().__init__(pipeline, **kwargs)
+        self.position = position
+        self.current_epoch = epoch  # a callable: the trainer's epoch
+
+    def __iter__(self):
+        self.position.start(self.current_epoch())
+        return super().__iter__()
+
+
+class SkipMetrics(L.Callback):
+    """Logs a datamodule's skipped data as metrics, ``data/skipped_<reason>``, and the skips
+    per shard at the end of training."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        skips = getattr(trainer.datamodule, "skips", None)
+        if skips is not None:
+            pl_module.log_dict({f"data/skipped_{r}": float(c) for r, c in skips.by_reason().items()})
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        skips = getattr(trainer.datamodule, "skips", None)
+        if skips is not None and skips.count:
+            for url, reasons in skips.by_shard().items():
+                log.warning("skipped data in %s: %s", url, reasons)
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -43,10 +86,13 @@ class ShardDataModule(L.LightningDataModule):
             ratio, resized to cover and centre-cropped: ``mars_data.images.prepare_image``);
             one square size is stage I's resize + centre crop. None keeps stored sizes.
             Batches are bucketed by size either way.
+        shuffle_seed: seeds the training stream's order (with the epoch); resuming needs the same.
+        max_failures: attempts in a row without a usable sample before reading stops with an
+            error naming the shards and reasons.
 
     ``batch_stage`` / ``val_batch_stage``: set by a training module before the loaders are made
-    (Lightning calls the module's ``setup`` first): a picklable ``stage(batches, skips) ->
-    batches`` run last in the DataLoader workers, where the module builds its sequences.
+    (Lightning calls the module's ``setup`` first): a picklable ``stage(batches, skips, rng) ->
+    batches`` run in the DataLoader workers, where the module builds its sequences.
     """
 
     def __init__(
@@ -62,6 +108,8 @@ class ShardDataModule(L.LightningDataModule):
         load_images: bool = True,
         load_codes: bool = False,
         resolutions: Sequence[str] | None = None,
+        shuffle_seed: int = 0,
+        max_failures: int = 1000,
     ):
         super().__init__()
         if resampled and not samples_per_epoch:
@@ -76,23 +124,35 @@ class ShardDataModule(L.LightningDataModule):
         self.samples_per_epoch = samples_per_epoch
         sizes = [parse_resolution(r) for r in resolutions] if resolutions else None
         self.decoding = {"load_images": load_images, "load_codes": load_codes, "resolutions": sizes}
-        self.skips = SkipCounter()
+        self.position = StreamPosition(shuffle_seed)
+        self.max_failures = max_failures
+        self.skips: SkipCounter | None = None  # of the training stream, made with its loader
+        self.val_skips: SkipCounter | None = None
         self.batch_stage = self.val_batch_stage = None
 
     @property
     def skipped(self) -> int:
         """Samples and shard reads skipped so far, over this process and its workers."""
-        return self.skips.count
+        return sum(s.count for s in (self.skips, self.val_skips) if s is not None)
+
+    def state_dict(self) -> dict:
+        return self.position.state_dict(self.trainer) if self.trainer is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.position.load_state_dict(state)
 
     def _world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
 
     def _loader(self, pipeline) -> DataLoader:
-        return DataLoader(
+        return EpochLoader(
             pipeline,
+            self.position,
+            lambda: self.trainer.current_epoch if self.trainer is not None else 0,
             batch_size=None,  # the pipeline batches (by size bucket)
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.position.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -100,13 +160,16 @@ class ShardDataModule(L.LightningDataModule):
         if self.samples_per_epoch:
             batches = math.ceil(self.samples_per_epoch / (self.batch_size * self._world_size()))
             batches_per_worker = math.ceil(batches / max(1, self.num_workers))
+        urls = expand_urls(self.train_shards)
+        self.skips = SkipCounter(urls, self.max_failures)
         pipeline = shard_pipeline(
-            expand_urls(self.train_shards),
+            urls,
             batch_size=self.batch_size,
             skips=self.skips,
             shuffle_buffer=self.shuffle_buffer,
             resampled=self.resampled,
             batches_per_worker=batches_per_worker,
+            position=self.position,
             batch_stage=self.batch_stage,
             **self.decoding,
         )
@@ -118,11 +181,12 @@ class ShardDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.val_shards is None:
             return []  # Lightning then runs no validation
+        urls = expand_urls(self.val_shards)
+        self.val_skips = SkipCounter(urls, self.max_failures)
         pipeline = shard_pipeline(
-            expand_urls(self.val_shards), batch_size=self.val_batch_size, skips=self.skips,
-            batch_stage=self.val_batch_stage, **self.decoding,
+            urls, batch_size=self.val_batch_size, skips=self.val_skips, batch_stage=self.val_batch_stage, **self.decoding
         )
-        return self._loader(pipeline)
+        return DataLoader(pipeline, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
 
 class ShapesDataModule(ShardDataModule):
@@ -192,4 +256,4 @@ class ShapesDataModule(ShardDataModule):
                 **world,
             )
             params = {"split": split, "num_samples": num_samples, **self.world}
-            manifest.write_text(json.dumps({**params, "shards": [p.name for p in paths]}, indent=2))
+            write_json_atomic(manifest, {**params, "shards": [p.name for p in paths]})

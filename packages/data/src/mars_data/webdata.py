@@ -5,12 +5,20 @@ A sample is the group of tar members sharing a key. Two layouts are read:
 - img2dataset shards (``jpg`` or ``png``, ``txt``, ``json`` with url, width, height, ...),
 either of them with a ``codes.npy`` member added by pre-tokenization (an integer array h x w).
 
-Broken data never stops training: a tar that cannot be read, a member that cannot be decoded
-or a sample lacking what was asked for is skipped, counted (across DataLoader workers) and
-logged as a warning carrying the count so far.
+Broken data never stops training, and never hangs it: a shard that is missing, cannot be
+read, holds no sample or fewer samples than its manifest (``mars_data.tars.write_manifest``)
+says (a truncated tar), a member that cannot be decoded or a sample lacking what was asked
+for is skipped and counted per shard and per reason (``SkipCounter``, shared by the
+DataLoader workers, logged as a warning carrying the count so far). When ``max_failures``
+attempts in a row give no usable sample (an all-bad data set would otherwise loop through
+empty epochs forever), reading stops with a ``DataError`` naming the shards and the reasons.
+
+Training order is reproducible and resumable (``mars_core.resume``): shards and samples are
+shuffled by generators seeded from (seed, epoch, rank, worker), and a resumed epoch skips the
+batches the interrupted run already trained on.
 
 Batches are dicts: ``image`` FloatTensor[B, 3, H, W] in [-1, 1], ``codes`` LongTensor[B, h, w],
-``caption`` list[str], ``record`` list[dict] (the sample's json), ``key`` list[str]. All
+``caption`` list[str], ``record`` list[dict] (the sample's json), ``key`` and ``url`` list[str]. All
 tensors of a batch have the same size: samples are grouped into per-size buckets and a batch
 is emitted when its bucket is full (the remainders at the end of a pass come out as smaller
 batches), so shards of mixed aspect ratios train without padding.
@@ -23,6 +31,7 @@ import json
 import logging
 import multiprocessing
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
 from glob import glob
 from pathlib import Path
 from urllib.parse import urlparse
@@ -32,7 +41,9 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from mars_data.images import load_image, prepare_image
+from mars_core.resume import StreamPosition, worker_info, worker_share
+from mars_data.images import ImageError, load_image, prepare_image
+from mars_data.tars import expected_samples
 
 log = logging.getLogger(__name__)
 
@@ -69,26 +80,151 @@ def is_not_an_image(name: str) -> bool:
     return name.rsplit(".", 1)[-1].lower() not in IMAGE_KEYS
 
 
-class SkipCounter:
-    """Counts and logs skipped data; the count is shared by the DataLoader worker processes."""
+class DataError(RuntimeError):
+    """The data yields no usable sample: the message names the shards and why."""
 
-    def __init__(self) -> None:
-        self._count = multiprocessing.get_context().Value("q", 0)
+
+class Skip(ValueError):
+    """A sample that cannot be used, with the reason it is counted under."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class SkipCounter:
+    """Skips per shard and per reason, shared by the DataLoader worker processes.
+
+    The counts live in shared memory created before the workers start (one row per shard of
+    ``urls``, one column per reason of ``REASONS``). ``streak`` counts attempts in a row that
+    gave no usable sample, over all workers; a usable sample resets it. At ``max_failures``
+    the next skip raises ``DataError``.
+    """
+
+    REASONS = (
+        "missing_shard",  # the shard file is gone (e.g. deleted mid-run)
+        "unreadable_shard",  # not a tar, or a read error
+        "truncated_shard",  # fewer samples than its manifest: the missing samples are counted
+        "empty_shard",  # no sample at all
+        "bad_image",  # undecodable, truncated or a decompression bomb (mars_data.images)
+        "bad_codes",  # codes.npy unreadable or not a 2-d integer grid
+        "missing_member",  # no caption, image or codes member where one was asked for
+        "untrained_size",  # codes of a grid that is not one of the model's resolutions
+        "bad_sample",  # anything else
+    )
+
+    def __init__(self, urls: Sequence[str], max_failures: int = 1000):
+        self.urls = list(urls)
+        self.max_failures = max_failures
+        context = multiprocessing.get_context()
+        self._counts = context.Array("q", len(self.urls) * len(self.REASONS))
+        self._streak = context.Value("q", 0)
 
     @property
     def count(self) -> int:
-        return self._count.value
+        return sum(self._counts[:])
 
-    def skip(self, what: str, reason: BaseException | str) -> None:
-        with self._count.get_lock():
-            self._count.value += 1
-            count = self._count.value
-        log.warning("skipped %s (%s); %d skipped so far", what, reason, count)
+    def by_reason(self) -> dict[str, int]:
+        n = len(self.REASONS)
+        return {reason: sum(self._counts[i::n]) for i, reason in enumerate(self.REASONS)}
 
-    def handler(self, exn: BaseException) -> bool:
-        """webdataset exception handler: count the error, keep going."""
-        self.skip("unreadable shard data", f"{type(exn).__name__}: {exn}")
-        return True
+    def by_shard(self) -> dict[str, dict[str, int]]:
+        n, counts = len(self.REASONS), self._counts[:]
+        rows = {url: dict(zip(self.REASONS, counts[i * n : (i + 1) * n])) for i, url in enumerate(self.urls)}
+        return {url: {r: c for r, c in row.items() if c} for url, row in rows.items() if any(row.values())}
+
+    def ok(self) -> None:
+        if self._streak.value:
+            self._streak.value = 0
+
+    def skip(self, url: str, reason: str, message: str, count: int = 1) -> None:
+        row = self.urls.index(url) if url in self.urls else 0
+        with self._counts.get_lock():
+            self._counts[row * len(self.REASONS) + self.REASONS.index(reason)] += count
+            total = sum(self._counts[:])
+        with self._streak.get_lock():
+            self._streak.value += 1
+            streak = self._streak.value
+        log.warning("skipped %s (%s: %s); %d skipped so far", url, reason, message, total)
+        if streak >= self.max_failures:
+            shards = "; ".join(
+                f"{url}: " + ", ".join(f"{r} {c}" for r, c in row.items())
+                for url, row in list(self.by_shard().items())[:10]
+            )
+            raise DataError(
+                f"{streak} attempts in a row gave no usable sample: the data set has nothing to train on. "
+                f"Skips by shard: {shards}"
+            )
+
+
+def shard_reason(exn: BaseException) -> str:
+    if isinstance(exn, FileNotFoundError):
+        return "missing_shard"
+    return "unreadable_shard"
+
+
+class ShardReader:
+    """Pipeline stage: shard URLs -> raw samples, counting each shard's samples against its
+    manifest (``mars_data.tars.expected_samples``); every shard failure is a counted skip."""
+
+    def __init__(self, skips: SkipCounter, select_files=None):
+        self.skips = skips
+        self.select_files = select_files
+
+    def __call__(self, shards: Iterable[dict]) -> Iterator[dict]:
+        for shard in shards:
+            url, read, failed = shard["url"], 0, []
+
+            def handler(exn: BaseException, url=url) -> bool:
+                failed.append(exn)
+                self.skips.skip(url, shard_reason(exn), f"{type(exn).__name__}: {exn}")
+                return True
+
+            for sample in wds.tariterators.tarfile_samples(iter([dict(shard)]), handler=handler, select_files=self.select_files):
+                read += 1
+                yield sample
+            expected = expected_samples(url)
+            if failed and read == 0:  # missing or unreadable: counted once, by the handler
+                continue
+            if expected is not None and read < expected:
+                self.skips.skip(url, "truncated_shard", f"{read} of the {expected} samples its manifest lists", expected - read)
+            elif read == 0 and not failed:
+                self.skips.skip(url, "empty_shard", "no samples")
+
+
+class SeededShuffle:
+    """Pipeline stage: webdataset's buffer shuffle, drawing from this epoch's seeded generator."""
+
+    def __init__(self, position: StreamPosition, name: str, bufsize: int, initial: int):
+        self.position, self.name, self.bufsize, self.initial = position, name, bufsize, initial
+
+    def __call__(self, items: Iterable) -> Iterator:
+        yield from wds.shuffle(self.bufsize, self.initial, rng=self.position.rng(self.name))(items)
+
+
+class SeededShards:
+    """Pipeline source: shards drawn at random with replacement, forever, from this epoch's
+    seeded generator (each worker and rank its own stream)."""
+
+    def __init__(self, urls: Sequence[str], position: StreamPosition):
+        self.urls, self.position = list(urls), position
+
+    def __call__(self) -> Iterator[dict]:
+        rng = self.position.rng("resampled")
+        while True:
+            yield {"url": rng.choice(self.urls)}
+
+
+class SkipResumed:
+    """Pipeline stage (last): drop the batches of this worker that the interrupted run already
+    trained on (``StreamPosition.skip``: batches of the DataLoader, taken from workers in turn)."""
+
+    def __init__(self, position: StreamPosition):
+        self.position = position
+
+    def __call__(self, batches: Iterable) -> Iterator:
+        _, _, worker, num_workers = worker_info()
+        yield from islice(batches, worker_share(self.position.skip(), worker, num_workers), None)
 
 
 def decode_image(data: bytes, resolutions: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
@@ -125,30 +261,40 @@ class SampleDecoder:
         else:
             caption = record.get("prompt") or record.get("caption")
         if caption is None:
-            raise ValueError("no caption (txt member, or prompt/caption in json)")
-        out = {"key": sample["__key__"], "caption": caption, "record": record}
+            raise Skip("missing_member", "no caption (txt member, or prompt/caption in json)")
+        out = {"key": sample["__key__"], "url": sample.get("__url__"), "caption": caption, "record": record}
         if self.load_images:
             image_key = next((k for k in IMAGE_KEYS if k in sample), None)
             if image_key is None:
-                raise ValueError(f"no image member ({', '.join(IMAGE_KEYS)})")
-            out["image"] = decode_image(sample[image_key], self.resolutions)
+                raise Skip("missing_member", f"no image member ({', '.join(IMAGE_KEYS)})")
+            try:
+                out["image"] = decode_image(sample[image_key], self.resolutions)
+            except ImageError as exn:
+                raise Skip("bad_image", str(exn)) from exn
         if self.load_codes:
             if CODES_KEY not in sample:
-                raise ValueError(f"no {CODES_KEY} member")
-            out["codes"] = decode_codes(sample[CODES_KEY])
+                raise Skip("missing_member", f"no {CODES_KEY} member")
+            try:
+                out["codes"] = decode_codes(sample[CODES_KEY])
+            except ValueError as exn:
+                raise Skip("bad_codes", str(exn)) from exn
         return out
 
     def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
         for sample in samples:
             try:
-                yield self.decode(sample)
+                decoded = self.decode(sample)
             except Exception as exn:  # any broken sample is skipped; training goes on
-                what = f"sample {sample.get('__key__')} of {sample.get('__url__')}"
-                self.skips.skip(what, f"{type(exn).__name__}: {exn}")
+                reason = exn.reason if isinstance(exn, Skip) else "bad_sample"
+                message = f"sample {sample.get('__key__')}: {type(exn).__name__}: {exn}"
+                self.skips.skip(sample.get("__url__"), reason, message)
+                continue
+            self.skips.ok()
+            yield decoded
 
 
 def collate(samples: list[dict]) -> dict:
-    batch = {name: [s[name] for s in samples] for name in ("key", "caption", "record")}
+    batch = {name: [s[name] for s in samples] for name in ("key", "url", "caption", "record")}
     for name in ("image", "codes"):
         if name in samples[0]:
             batch[name] = torch.stack([s[name] for s in samples])
@@ -189,29 +335,34 @@ def shard_pipeline(
     load_images: bool = True,
     load_codes: bool = False,
     resolutions: Sequence[tuple[int, int]] | None = None,
+    position: StreamPosition | None = None,
     batch_stage=None,
 ) -> wds.DataPipeline:
     """The iterable of batches over ``urls``.
 
     Without ``resampled`` each node and DataLoader worker reads its own share of the shards
     once per pass (shuffled when ``shuffle_buffer`` > 0). With ``resampled`` every worker draws
-    shards at random, forever; ``batches_per_worker`` then ends each epoch. ``batch_stage``
-    (``stage(batches, skips) -> batches``) runs last, in the DataLoader workers: training
-    modules build their sequences there (``mars_semvie.sequences.SequenceBuilder``).
+    shards at random, forever; ``batches_per_worker`` then ends each epoch. Every random draw
+    comes from ``position`` (seed and epoch; a fresh ``StreamPosition(0)`` if not given), and a
+    resumed epoch starts after the batches ``position`` says were trained on. ``batch_stage``
+    (``stage(batches, skips, rng) -> batches``, its draws from ``position``) runs in the
+    DataLoader workers before the resumed epoch's skip, so a resumed run draws what the first
+    run drew: training modules build their sequences there (``mars_semvie.sequences.SequenceBuilder``).
     """
-    stages: list = [wds.ResampledShards(urls) if resampled else wds.SimpleShardList(urls)]
+    position = position or StreamPosition(0)
+    stages: list = [SeededShards(urls, position) if resampled else wds.SimpleShardList(urls)]
     if not resampled:
         stages += [wds.split_by_node, wds.split_by_worker]
         if shuffle_buffer > 0:
-            stages.append(wds.shuffle(len(urls), initial=len(urls)))
-    select_files = None if load_images else is_not_an_image
-    stages.append(wds.tarfile_to_samples(handler=skips.handler, select_files=select_files))
+            stages.append(SeededShuffle(position, "shards", len(urls), len(urls)))
+    stages.append(ShardReader(skips, select_files=None if load_images else is_not_an_image))
     if shuffle_buffer > 0:
-        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100)))
+        stages.append(SeededShuffle(position, "samples", shuffle_buffer, min(shuffle_buffer, 100)))
     stages += [SampleDecoder(skips, load_images, load_codes, resolutions), BucketBatcher(batch_size)]
     if batch_stage is not None:
-        stages.append(lambda batches: batch_stage(batches, skips))
+        stages.append(lambda batches: batch_stage(batches, skips, position.rng("sequences")))
     pipeline = wds.DataPipeline(*stages)
     if batches_per_worker is not None:
         pipeline = pipeline.with_epoch(batches_per_worker)
-    return pipeline
+    # after with_epoch: the skipped batches belong to the resumed epoch's count
+    return wds.DataPipeline(pipeline, SkipResumed(position))

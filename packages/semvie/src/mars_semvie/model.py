@@ -66,6 +66,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -516,7 +517,11 @@ class SemVIEForCausalLM(nn.Module):
             )
         llm = load_llm(llm_dir, dtype=dtype)
         model = cls(llm, SemVIEConfig(**meta))
-        missing, unexpected = model.load_state_dict(load_file(path / WEIGHTS_NAME), strict=False)
+        try:
+            weights = load_file(path / WEIGHTS_NAME)
+        except SafetensorError as err:
+            raise ValueError(f"{path / WEIGHTS_NAME} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+        missing, unexpected = model.load_state_dict(weights, strict=False)
         missing = [k for k in missing if not k.startswith("llm.")]
         if missing or unexpected:
             raise RuntimeError(f"{path / WEIGHTS_NAME}: missing {missing}, unexpected {unexpected}")

@@ -217,15 +217,16 @@ class SequenceBuilder:
     With ``resolution_in_prompt`` (stage II) each image's size (its grid times ``downsample``)
     is written into the prompt and rows end with ``<image_row_end>``.
 
-    As a pipeline stage (``__call__(batches, skips)``, ``mars_data.ShardDataModule.batch_stage``)
+    As a pipeline stage (``__call__(batches, skips, rng)``, ``mars_data.ShardDataModule.batch_stage``)
     it adds ``input_ids``, ``attention_mask``, ``position_ids`` and ``labels`` to every batch
     that has ``codes``, in the workers, so the training process only runs the model; a batch of
     images passes through and the module encodes it, then calls ``build``. A batch whose grid is
     not one of ``grids`` (the sizes the model trains on) is skipped and counted per sample.
 
-    Task draws: training batches draw from a generator seeded by (seed, rank, worker, the
-    worker's batch count); with ``deterministic`` (validation) by the batch's sample keys, so
-    every validation pass scores the same sequences. Token ids of prompts and captions are kept
+    Task draws: training batches draw from the data stream's generator (``mars_core.resume``:
+    seeded by seed, epoch, rank and worker, so a resumed run repeats them); with
+    ``deterministic`` (validation) from the batch's sample keys, so every validation pass
+    scores the same sequences. Token ids of prompts and captions are kept
     in a bounded cache (the shapes world repeats its captions; 200M web captions must not grow
     memory).
     """
@@ -258,7 +259,6 @@ class SequenceBuilder:
         self.seed = seed
         self.deterministic = deterministic
         self._cache: dict[tuple, list[int]] = {}
-        self._batches = 0
 
     def _cached(self, key: tuple, make) -> list[int]:
         ids = self._cache.get(key)
@@ -303,23 +303,21 @@ class SequenceBuilder:
             labels.append(y)
         return collate(ids, self.vocab, labels)
 
-    def rng(self, batch: dict) -> random.Random:
-        if self.deterministic:
-            return random.Random(f"{self.seed}/" + "/".join(map(str, batch["key"])))
-        info = torch.utils.data.get_worker_info()
-        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
-        self._batches += 1
-        return random.Random(f"{self.seed}/{rank}/{info.id if info else 0}/{self._batches}")
-
-    def __call__(self, batches, skips=None):
+    def __call__(self, batches, skips=None, rng: random.Random | None = None):
+        """Pipeline stage: add the sequences to every batch of codes. Training draws from
+        ``rng`` (the data stream's, seeded by seed, epoch, rank and worker: a resumed run draws
+        what the first run drew); validation (``deterministic``) from the batch's sample keys."""
+        rng = rng or random.Random(self.seed)
         for batch in batches:
             codes = batch.get("codes")
             if codes is not None:
-                if self.grids is not None and tuple(codes.shape[-2:]) not in self.grids:
-                    rows, columns = codes.shape[-2:]
-                    for key in batch["key"]:
-                        if skips is not None:
-                            skips.skip(f"sample {key}", f"its {rows}x{columns} code grid is not a trained resolution")
+                rows, columns = codes.shape[-2:]
+                if self.grids is not None and (rows, columns) not in self.grids:
+                    if skips is not None:
+                        for key, url in zip(batch["key"], batch.get("url", [None] * len(batch["key"]))):
+                            skips.skip(url, "untrained_size", f"sample {key}: its {rows}x{columns} code grid is not a trained resolution")
                     continue
-                batch = {**batch, **self.build(codes, batch["caption"], self.rng(batch))}
+                if self.deterministic:
+                    rng = random.Random(f"{self.seed}/" + "/".join(map(str, batch["key"])))
+                batch = {**batch, **self.build(codes, batch["caption"], rng)}
             yield batch

@@ -34,6 +34,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from mars_core.resume import ResumableSampler, StreamPosition
+
 ENDOFTEXT = "<|endoftext|>"
 
 
@@ -95,7 +97,12 @@ def collate(batch: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 class TextDataModule(L.LightningDataModule):
-    """Batches of tokenized texts for causal LM training; exposes ``tokenizer`` after ``setup``."""
+    """Batches of tokenized texts for causal LM training; exposes ``tokenizer`` after ``setup``.
+
+    The training order is a function of (``shuffle_seed``, epoch) and the checkpoint holds the
+    batches trained in the current epoch (``mars_core.resume``): a resumed run reads exactly
+    the batches an uninterrupted one would have.
+    """
 
     def __init__(
         self,
@@ -107,8 +114,10 @@ class TextDataModule(L.LightningDataModule):
         batch_size: int = 128,
         val_batch_size: int | None = None,
         num_workers: int = 0,
+        shuffle_seed: int = 0,
     ):
         super().__init__()
+        self.position = StreamPosition(shuffle_seed)
         self.train_files, self.val_files = list(train_files), list(val_files)
         self.tokenizer_name = tokenizer
         self.make_missing = {str(m["file"]): list(m["python"]) for m in (make_missing or [])}
@@ -150,14 +159,27 @@ class TextDataModule(L.LightningDataModule):
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         return [([eot] + seq + [eot])[: self.max_length] for seq in ids]
 
-    def _loader(self, data, batch_size, shuffle) -> DataLoader:
+    def _loader(self, data, batch_size, sampler=None) -> DataLoader:
         pad = self.tokenizer.pad_token_id
         return DataLoader(
-            data, batch_size, shuffle=shuffle, collate_fn=partial(collate, pad_id=pad), num_workers=self.num_workers
+            data,
+            batch_size,
+            sampler=sampler,
+            collate_fn=partial(collate, pad_id=pad),
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.position.seed),  # worker seeds: not the global RNG
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_data, self.batch_size, shuffle=True)
+        sampler = ResumableSampler(len(self.train_data), self.batch_size, self.position)
+        return self._loader(self.train_data, self.batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_data, self.val_batch_size, shuffle=False)
+        return self._loader(self.val_data, self.val_batch_size)
+
+    def state_dict(self) -> dict:
+        return self.position.state_dict(self.trainer) if self.trainer is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.position.load_state_dict(state)

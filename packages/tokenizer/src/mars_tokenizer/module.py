@@ -16,7 +16,9 @@ Design choices
   usage fell below ``dead_code_threshold`` are moved onto encoder outputs of the batch, drawn
   by how badly the codebook fits them
   (rank 0 decides, the new codebook is broadcast); FSQ's implicit codebook needs none. ``train/codebook_live`` is the share of live codes,
-  ``val/codebook_usage`` the share of codes used over the validation set.
+  ``val/codebook_usage`` the share of codes used over the validation set. The running usage is
+  training state, not part of the tokenizer: it is kept in the checkpoint beside the weights
+  (``quantizer_usage``), so a resumed run restarts the same codes as an uninterrupted one.
 - **Schedule.** Linear warm-up over ``warmup_steps``, then (with ``min_lr_ratio`` set) cosine
   decay to that fraction of the peak at the run's end (``mars_core.schedule``, shared by every stage): the last
   steps at a low learning rate sharpen edges, which the shapes world's scoring needs.
@@ -110,6 +112,13 @@ class VQGANModule(L.LightningModule):
         rec_grad = torch.autograd.grad(rec_loss, last, retain_graph=True)[0]
         gan_grad = torch.autograd.grad(gan_loss, last, retain_graph=True)[0]
         return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["quantizer_usage"] = self.vqgan.quantize.usage.detach().cpu().clone()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "quantizer_usage" in checkpoint:
+            self.vqgan.quantize.usage.copy_(checkpoint["quantizer_usage"])
 
     def on_fit_start(self) -> None:
         self.to(memory_format=torch.channels_last)  # oneDNN's convolutions run faster on CPU (docs/LOG.md)

@@ -1,18 +1,24 @@
 """VQTokenizer: images <-> code grids, saved as safetensors weights + a JSON config.
 
-A directory written by ``save_pretrained`` holds ``config.json`` (the ``VQGANConfig`` plus a
-format tag) and ``model.safetensors`` (the VQ-GAN weights, without training-only parts such as
-the discriminator). ``from_pretrained`` reads it back by path; nothing is downloaded.
+A directory written by ``save_pretrained`` holds ``config.json`` (the ``VQGANConfig``, a
+format tag and the sha256 of the weights file) and ``model.safetensors`` (the VQ-GAN weights,
+without training-only parts such as the discriminator). ``from_pretrained`` reads it back by
+path, nothing is downloaded, and refuses weights whose sha256 differs (flipped bits, a
+truncated copy) with an error naming the file. Weights are safetensors: loading runs no code.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from mars_core.io import atomic_path, checksums, verify_checksums, write_json_atomic
 
 from mars_tokenizer.vqgan import VQGAN, VQGANConfig
 
@@ -94,11 +100,11 @@ class VQTokenizer(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        config = {"format": FORMAT, "config": self.config.to_dict()}
-        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         state = {k: v.detach().cpu().contiguous() for k, v in self.vqgan.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": FORMAT})
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp), metadata={"format": FORMAT})
+        config = {"format": FORMAT, "config": self.config.to_dict(), "sha256": checksums(directory, [WEIGHTS_NAME])}
+        write_json_atomic(directory / CONFIG_NAME, config)  # last: a directory with a config is complete
         return directory
 
     @classmethod
@@ -114,6 +120,13 @@ class VQTokenizer(nn.Module):
         saved = json.loads((directory / CONFIG_NAME).read_text())
         if saved.get("format") != FORMAT:
             raise ValueError(f"{directory / CONFIG_NAME} is not a {FORMAT} config (format={saved.get('format')!r})")
+        if "sha256" not in saved:
+            warnings.warn(f"{directory / CONFIG_NAME} lists no sha256 (saved before checksums): weights not verified")
+        verify_checksums(directory, saved.get("sha256", {}), directory / CONFIG_NAME)
         tokenizer = cls(VQGANConfig(**saved["config"]))
-        tokenizer.vqgan.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        try:
+            weights = load_file(str(directory / WEIGHTS_NAME))
+        except SafetensorError as err:
+            raise ValueError(f"{directory / WEIGHTS_NAME} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+        tokenizer.vqgan.load_state_dict(weights)
         return tokenizer.to(device).eval()

@@ -28,8 +28,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from mars_core.io import atomic_path
 from mars_data.shapes.captions import LANGS, write_caption
 from mars_data.shapes.world import render, sample_scene
+from mars_data.tars import write_manifest
 
 SHARD_PATTERN = "shapes-{index:06d}.tar"
 
@@ -92,8 +94,7 @@ def _write_shard(shard: int, *, out: Path, num_samples: int, samples_per_shard: 
     start = shard * samples_per_shard
     count = min(samples_per_shard, num_samples - start)
     path = out / SHARD_PATTERN.format(index=shard)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for i, record in enumerate(shard_records(seed, shard, count, **world)):
             key = f"{start + i:09d}"
             png = io.BytesIO()
@@ -101,7 +102,6 @@ def _write_shard(shard: int, *, out: Path, num_samples: int, samples_per_shard: 
             _add_member(tar, f"{key}.png", png.getvalue())
             _add_member(tar, f"{key}.txt", record["prompt"].encode("utf-8"))
             _add_member(tar, f"{key}.json", json.dumps(record, ensure_ascii=False).encode("utf-8"))
-    os.replace(tmp, path)
     return count
 
 
@@ -144,13 +144,21 @@ def write_shards(
     )
     with tqdm(total=num_samples, unit="sample", desc=f"shapes shards -> {out}", disable=not progress) as bar:
         if processes == 1:
-            for shard in range(num_shards):
-                bar.update(job(shard))
+            counts = {shard: job(shard) for shard in range(num_shards)}
+            bar.update(sum(counts.values()))
         else:
+            counts = {}
             with multiprocessing.get_context().Pool(processes) as pool:
-                for count in pool.imap_unordered(job, range(num_shards)):
+                for shard, count in pool.imap_unordered(partial(_numbered, job), range(num_shards)):
+                    counts[shard] = count
                     bar.update(count)
-    return [out / SHARD_PATTERN.format(index=i) for i in range(num_shards)]
+    paths = [out / SHARD_PATTERN.format(index=i) for i in range(num_shards)]
+    write_manifest(out, {path.name: counts[i] for i, path in enumerate(paths)})
+    return paths
+
+
+def _numbered(job, shard: int) -> tuple[int, int]:
+    return shard, job(shard)
 
 
 def eval_rng(seed: int) -> random.Random:
