@@ -40,6 +40,8 @@ class ShardDataModule(L.LightningDataModule):
             are skipped (and counted).
         image_size: resize the short side to this and crop the centre square; None keeps the
             stored size (batches are bucketed by size).
+        extra_codes: names of further ``<name>.codes.npy`` members read into
+            ``batch["<name>_codes"]`` (super-resolution triplets: ``[lowres]``).
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class ShardDataModule(L.LightningDataModule):
         load_images: bool = True,
         load_codes: bool = False,
         image_size: int | None = None,
+        extra_codes: Sequence[str] = (),
     ):
         super().__init__()
         if resampled and not samples_per_epoch:
@@ -67,7 +70,9 @@ class ShardDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.resampled = resampled
         self.samples_per_epoch = samples_per_epoch
-        self.decoding = {"load_images": load_images, "load_codes": load_codes, "image_size": image_size}
+        self.decoding = {
+            "load_images": load_images, "load_codes": load_codes, "image_size": image_size, "extra_codes": tuple(extra_codes)
+        }
         self.skips = SkipCounter()
 
     @property

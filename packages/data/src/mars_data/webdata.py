@@ -3,7 +3,9 @@
 A sample is the group of tar members sharing a key. Two layouts are read:
 - shapes-world shards (``png``, ``txt``, ``json`` with the scene record),
 - img2dataset shards (``jpg`` or ``png``, ``txt``, ``json`` with url, width, height, ...),
-either of them with a ``codes.npy`` member added by pre-tokenization (an integer array h x w).
+either of them with a ``codes.npy`` member added by pre-tokenization (an integer array h x w),
+and optionally further code members ``<name>.codes.npy`` (``extra_codes``; e.g. the low-res
+codes of super-resolution triplets) read into ``<name>_codes``.
 
 Broken data never stops training: a tar that cannot be read, a member that cannot be decoded
 or a sample lacking what was asked for is skipped, counted (across DataLoader workers) and
@@ -118,11 +120,14 @@ def decode_codes(data: bytes) -> torch.Tensor:
 class SampleDecoder:
     """Pipeline stage: raw tar samples -> decoded samples; a sample that fails is skipped."""
 
-    def __init__(self, skips: SkipCounter, load_images: bool, load_codes: bool, image_size: int | None):
+    def __init__(
+        self, skips: SkipCounter, load_images: bool, load_codes: bool, image_size: int | None, extra_codes: Sequence[str] = ()
+    ):
         self.skips = skips
         self.load_images = load_images
         self.load_codes = load_codes
         self.image_size = image_size
+        self.extra_codes = tuple(extra_codes)
 
     def decode(self, sample: dict) -> dict:
         record = json.loads(sample["json"]) if "json" in sample else {}
@@ -142,6 +147,10 @@ class SampleDecoder:
             if CODES_KEY not in sample:
                 raise ValueError(f"no {CODES_KEY} member")
             out["codes"] = decode_codes(sample[CODES_KEY])
+        for name in self.extra_codes:
+            if f"{name}.{CODES_KEY}" not in sample:
+                raise ValueError(f"no {name}.{CODES_KEY} member")
+            out[f"{name}_codes"] = decode_codes(sample[f"{name}.{CODES_KEY}"])
         return out
 
     def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
@@ -155,8 +164,8 @@ class SampleDecoder:
 
 def collate(samples: list[dict]) -> dict:
     batch = {name: [s[name] for s in samples] for name in ("key", "caption", "record")}
-    for name in ("image", "codes"):
-        if name in samples[0]:
+    for name, value in samples[0].items():
+        if isinstance(value, torch.Tensor):  # image, codes and any extra codes
             batch[name] = torch.stack([s[name] for s in samples])
     return batch
 
@@ -169,7 +178,7 @@ class BucketBatcher:
 
     @staticmethod
     def bucket(sample: dict) -> tuple:
-        return tuple(tuple(sample[name].shape) for name in ("image", "codes") if name in sample)
+        return tuple((name, tuple(value.shape)) for name, value in sample.items() if isinstance(value, torch.Tensor))
 
     def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
         buckets: dict[tuple, list[dict]] = {}
@@ -195,6 +204,7 @@ def shard_pipeline(
     load_images: bool = True,
     load_codes: bool = False,
     image_size: int | None = None,
+    extra_codes: Sequence[str] = (),
 ) -> wds.DataPipeline:
     """The iterable of batches over ``urls``.
 
@@ -211,7 +221,7 @@ def shard_pipeline(
     stages.append(wds.tarfile_to_samples(handler=skips.handler, select_files=select_files))
     if shuffle_buffer > 0:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100)))
-    stages += [SampleDecoder(skips, load_images, load_codes, image_size), BucketBatcher(batch_size)]
+    stages += [SampleDecoder(skips, load_images, load_codes, image_size, extra_codes), BucketBatcher(batch_size)]
     pipeline = wds.DataPipeline(*stages)
     if batches_per_worker is not None:
         pipeline = pipeline.with_epoch(batches_per_worker)

@@ -1,0 +1,93 @@
+"""Stage III (mars_superres) in the application: triplet shards, experiments, training, export.
+
+A tiny text LLM (Qwen2, trimmed Qwen tokenizer), a tiny VQ tokenizer (downsampling 4) and a
+stage II MARS checkpoint around them are built and saved here, then loaded by path. Shapes
+renders at 32 px become (16 px codes, caption, 32 px codes) triplets.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+from apps.superres_shards import superres_shards
+from apps.train import train
+from mars_app.pipeline import MarsPipeline
+from mars_data import ShardDataModule, shapes
+from mars_semvie import SemVIEForCausalLM
+from mars_semvie.text import qwen_tokenizer
+from mars_superres import SuperResModel
+from mars_tokenizer import VQGANConfig, VQTokenizer
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    """{"base": a stage II MARS checkpoint at 16x16, "images": 32 px shapes shards, "triplets": their triplets}."""
+    root = tmp_path_factory.mktemp("superres")
+    rng = random.Random(0)
+    texts = [shapes.sample_record(rng)["prompt"] for _ in range(300)] + ["16x16 32x32 32x16 16x32"]
+    tokenizer = qwen_tokenizer(trim_to=texts)
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    vq = VQTokenizer(VQGANConfig.from_preset("tiny"))
+    vq.save_pretrained(root / "vq")
+    semvie = SemVIEForCausalLM.from_llm(AutoModelForCausalLM.from_pretrained(root / "llm"), vq.codebook_size, image_positions=32)
+    MarsPipeline(
+        semvie, vq, AutoTokenizer.from_pretrained(root / "llm"), ["16x16"], resolution_in_prompt=True, row_end=True
+    ).save_pretrained(root / "base")
+    shapes.write_shards(root / "images", 48, seed=0, size=32, samples_per_shard=24, processes=1)
+    cfg = OmegaConf.create(dict(
+        tokenizer=str(root / "vq"), input=str(root / "images"), output=str(root / "triplets"), lowres_short_side=16,
+        long_side=32, degradations={"blur": 0.5, "jpeg_quality": 90}, keep_images=False, batch_size=16, device="cpu",
+    ))
+    superres_shards(cfg)
+    return {"base": root / "base", "images": root / "images", "triplets": root / "triplets", "vq": root / "vq"}
+
+
+def test_triplet_shards_hold_both_code_grids_and_the_caption(world):
+    data = ShardDataModule(str(world["triplets"]), batch_size=8, shuffle_buffer=0, load_images=False, load_codes=True, extra_codes=["lowres"])
+    batch = next(iter(data.train_dataloader()))
+    assert batch["codes"].shape == (8, 8, 8) and batch["lowres_codes"].shape == (8, 4, 4)
+    assert "image" not in batch and all(batch["caption"])
+    # the high-res codes are the tokenizer's codes of the render itself
+    vq = VQTokenizer.from_pretrained(world["vq"])
+    record = batch["record"][0]
+    render = torch.from_numpy(np.asarray(shapes.render(record["scene"], 32), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+    assert torch.equal(vq.encode(render[None])[0], batch["codes"][0])
+    plain = ShardDataModule(str(world["images"]), batch_size=8, load_images=False, load_codes=False, extra_codes=["lowres"])
+    assert list(plain.train_dataloader()) == [] and plain.skipped == 48  # no lowres member: every sample skipped, counted
+
+
+def test_stage3_experiment_has_the_papers_settings(make_cfg):
+    cfg = make_cfg(["experiment=stage3"])
+    assert cfg.model._target_ == "mars_superres.SuperResModule" and cfg.model.long_side == 1024
+    assert cfg.model.tokens_per_step == 4 and list(cfg.data.extra_codes) == ["lowres"]
+    assert cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.num_nodes == 1536 and cfg.trainer.max_epochs == 1
+
+
+def test_shapes_stage3_fits_and_exports_a_loadable_checkpoint(make_cfg, world):
+    cfg = make_cfg([
+        "experiment=shapes_stage3", f"model.base_path={world['base']}", f"data.train_shards={world['triplets']}",
+        "data.batch_size=8", "data.num_workers=0", "model.long_side=32", "model.tokens_per_step=4",
+        "trainer.max_steps=3", "trainer.max_time=null",
+    ])
+    metrics = train(cfg)
+    assert metrics["global_step"] == 3
+    assert {"train/loss_head1", "train/loss_head4"} <= set(metrics)
+    export = Path(cfg.paths.output_dir) / "superres"
+    model = SuperResModel.from_pretrained(export)
+    assert model.num_heads == 4 and model.config.lowres == ["16x16"] and model.config.long_side == 32
+    assert (export / "tokenizer").is_dir() and (export / "text_tokenizer").is_dir()
+    # trained: the type embedding moved off zero
+    assert model.hires_embedding.abs().sum() > 0
