@@ -7,22 +7,26 @@ renders at 32 px become (16 px codes, caption, 32 px codes) triplets.
 
 from __future__ import annotations
 
+import json
 import random
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
+from apps.generate import generate
 from apps.superres_shards import superres_shards
 from apps.train import train
 from mars_app.pipeline import MarsPipeline
 from mars_data import ShardDataModule, shapes
 from mars_semvie import SemVIEForCausalLM
 from mars_semvie.text import qwen_tokenizer
-from mars_superres import SuperResModel
+from mars_superres import SuperResModel, SuperResModule
 from mars_tokenizer import VQGANConfig, VQTokenizer
 
 
@@ -52,7 +56,15 @@ def world(tmp_path_factory) -> dict[str, Path]:
         long_side=32, degradations={"blur": 0.5, "jpeg_quality": 90}, keep_images=False, batch_size=16, device="cpu",
     ))
     superres_shards(cfg)
-    return {"base": root / "base", "images": root / "images", "triplets": root / "triplets", "vq": root / "vq"}
+    # an untrained super-resolution checkpoint (randomised heads) for the cascade
+    module = SuperResModule(str(root / "base"), partial(torch.optim.AdamW), tokens_per_step=4, long_side=32, image_positions=80)
+    perturb = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in module.model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=perturb) * 0.3)
+    module.export(root / "superres")
+    return {"base": root / "base", "images": root / "images", "triplets": root / "triplets", "vq": root / "vq", "superres": root / "superres"}
 
 
 def test_triplet_shards_hold_both_code_grids_and_the_caption(world):
@@ -91,3 +103,27 @@ def test_shapes_stage3_fits_and_exports_a_loadable_checkpoint(make_cfg, world):
     assert (export / "tokenizer").is_dir() and (export / "text_tokenizer").is_dir()
     # trained: the type embedding moved off zero
     assert model.hires_embedding.abs().sum() > 0
+
+
+def test_cascade_writes_high_res_images_exact_equals_one_head(make_cfg, world, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["a red circle", "一个蓝色的正方形", "a green triangle"]))
+
+    def run(out, *extra):
+        cfg = make_cfg([f"ckpt={world['base']}", f"prompts={prompts}", f"out={out}", f"superres={world['superres']}", *extra], "generate")
+        return generate(cfg)
+
+    exact = run(tmp_path / "exact", "tokens_per_step=4", "decode=exact", "grid=true", "save_base=true")
+    one = run(tmp_path / "one", "tokens_per_step=1")
+    assert [Image.open(p).size for p in exact["images"]] == [(32, 32)] * 3
+    assert Image.open(tmp_path / "exact" / "base" / "00000.png").size == (16, 16)
+    assert Image.open(exact["grid"]).width >= 2 * 128  # base and high-res side by side
+    for a, b in zip(exact["images"], one["images"]):  # greedy: exact decoding is K=1 decoding
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    assert exact["stats"].forward_passes < one["stats"].forward_passes == 73  # one batch of 3 images, 73 slots
+    fast = run(tmp_path / "fast", "tokens_per_step=4", "decode=fast")
+    assert fast["stats"].forward_passes == -(-73 // 4)  # one batch of 3 images, ceil(73 / 4) passes
+    with pytest.raises(ValueError, match="decode='fastest'"):
+        run(tmp_path / "bad", "tokens_per_step=4", "decode=fastest")
+    with pytest.raises(ValueError, match="tokens_per_step=5"):
+        run(tmp_path / "bad", "tokens_per_step=5")

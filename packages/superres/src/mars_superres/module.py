@@ -136,7 +136,7 @@ class SuperResModule(L.LightningModule):
     def export(self, path: str | Path) -> Path:
         """The super-resolution checkpoint directory (module docstring)."""
         path = Path(path)
-        writer = self.trainer is None or self.trainer.is_global_zero
+        writer = self._trainer is None or self._trainer.is_global_zero  # also exported outside a fit
         if any(hasattr(p, "ds_id") for p in self.model.parameters()):  # ZeRO-3: every rank gathers the shards
             import deepspeed
 
