@@ -127,3 +127,20 @@ def test_cascade_writes_high_res_images_exact_equals_one_head(make_cfg, world, t
         run(tmp_path / "bad", "tokens_per_step=4", "decode=fastest")
     with pytest.raises(ValueError, match="tokens_per_step=5"):
         run(tmp_path / "bad", "tokens_per_step=5")
+
+
+@pytest.mark.slow
+def test_benchmark_runs_on_a_cascade_and_checks_exact_output(world, tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "superres.py"), "--base", str(world["base"]), "--superres", str(world["superres"]),
+         "--num", "4", "--rounds", "1", "--batch-size", "4", "--prompts-file", str(tmp_path / "heldout.jsonl")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "mode" not in line]
+    assert [row.split("|")[1:3] for row in rows] == [[" 1 ", " exact "], [" 2 ", " fast "], [" 4 ", " fast "], [" 2 ", " exact "], [" 4 ", " exact "]]
+    assert "palette match from 64 px renders, bicubic" in proc.stdout
