@@ -144,3 +144,21 @@ def test_benchmark_runs_on_a_cascade_and_checks_exact_output(world, tmp_path):
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "mode" not in line]
     assert [row.split("|")[1:3] for row in rows] == [[" 1 ", " exact "], [" 2 ", " fast "], [" 4 ", " fast "], [" 2 ", " exact "], [" 4 ", " exact "]]
     assert "palette match from 64 px renders, bicubic" in proc.stdout
+
+
+def test_training_sequences_write_the_high_res_size_and_drop_captions(world):
+    data = ShardDataModule(str(world["triplets"]), batch_size=16, shuffle_buffer=0, load_images=False, load_codes=True, extra_codes=["lowres"])
+    batch = next(iter(data.train_dataloader()))
+    module = SuperResModule(str(world["base"]), partial(torch.optim.AdamW), tokens_per_step=2, long_side=32, image_positions=80, uncond_prob=0.5)
+    out = module.sequences(batch, random.Random(0))
+    vocab, tok = module.vocab, module.text_tokenizer
+    dropped = 0
+    for ids, mask, labels, caption in zip(out["input_ids"], out["attention_mask"], out["labels"], batch["caption"]):
+        ids = ids[mask.bool()].tolist()
+        text = tok.decode([i for i in ids if i < vocab.text_size], skip_special_tokens=True).strip()
+        assert text.startswith("32x32")  # the requested high-res size, as in stage II
+        dropped += text == "32x32"
+        assert text in ("32x32", f"32x32 {caption}")
+        assert ids.count(vocab.image_start) == 2 and ids.count(vocab.image_row_end) == 4 + 8
+        assert int((labels != -100).sum()) == 8 * 9 + 1  # targets: the high-res codes, row ends, <image_end>
+    assert 3 <= dropped <= 13  # about half of 16 captions dropped
