@@ -99,6 +99,8 @@ def test_image_offsets_grow_keeping_the_base_rows(build_tiny_semvie, perturb_wei
     assert table.shape[0] == 20 and table.requires_grad
     assert_close(table[:8], base_rows)
     assert not table[8:].any()
+    with pytest.raises(ValueError, match="no learned image offsets"):
+        SuperResModel(build_tiny_semvie(image_positions=0), SuperResConfig(image_positions=20))
 
 
 def test_checkpoint_saves_and_loads(build_tiny_superres, tmp_path):

@@ -146,6 +146,8 @@ class SuperResModel(nn.Module):
 
     def _grow_image_positions(self, rows: int) -> None:
         table = self.semvie.image_position
+        if table is None and rows:
+            raise ValueError(f"image_positions={rows}, but the base SemVIE has no learned image offsets: set image_positions=0")
         if table is None or rows <= table.num_embeddings:
             return
         grown = nn.Embedding(rows, table.embedding_dim, device=table.weight.device, dtype=table.weight.dtype)
