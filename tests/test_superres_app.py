@@ -162,3 +162,19 @@ def test_training_sequences_write_the_high_res_size_and_drop_captions(world):
         assert ids.count(vocab.image_start) == 2 and ids.count(vocab.image_row_end) == 4 + 8
         assert int((labels != -100).sum()) == 8 * 9 + 1  # targets: the high-res codes, row ends, <image_end>
     assert 3 <= dropped <= 13  # about half of 16 captions dropped
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_two_cpu_processes_fit_and_export(world, tmp_path):
+    """The paper's strategy: sharded weights are gathered for the export."""
+    from tests.test_train import run_cli
+
+    run_cli([
+        "experiment=shapes_stage3", f"model.base_path={world['base']}", f"data.train_shards={world['triplets']}",
+        "data.resampled=true", "data.samples_per_epoch=32", "data.batch_size=8", "data.num_workers=0",
+        "model.long_side=32", "model.tokens_per_step=2", "trainer.max_steps=2", "trainer.max_time=null",
+        "trainer=deepspeed_zero3", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+        "hydra.run.dir=run",
+    ], cwd=tmp_path)
+    model = SuperResModel.from_pretrained(tmp_path / "run" / "superres")
+    assert model.num_heads == 2 and model.hires_embedding.abs().sum() > 0
