@@ -1,7 +1,7 @@
 """Stage III (mars_superres) in the application: triplet shards, experiments, training, export.
 
-A tiny text LLM (Qwen2, trimmed Qwen tokenizer), a tiny VQ tokenizer (downsampling 4) and a
-stage II MARS checkpoint around them are built and saved here, then loaded by path. Shapes
+test_t2i's tiny text LLM (Qwen2, trimmed Qwen tokenizer) and tiny VQ tokenizer (downsampling
+4), and a stage II MARS checkpoint around them built here, are loaded by path. Shapes
 renders at 32 px become (16 px codes, caption, 32 px codes) triplets.
 """
 
@@ -17,7 +17,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from apps.generate import generate
 from apps.superres_shards import superres_shards
@@ -25,34 +25,25 @@ from apps.train import train
 from mars_app.pipeline import MarsPipeline
 from mars_data import ShardDataModule, shapes
 from mars_semvie import SemVIEForCausalLM
-from mars_semvie.text import qwen_tokenizer
 from mars_superres import SuperResModel, SuperResModule
-from mars_tokenizer import VQGANConfig, VQTokenizer
+from mars_tokenizer import VQTokenizer
+from tests.test_t2i import checkpoints  # noqa: F401  (the tiny LLM and VQ fixture, shared)
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, Path]:
-    """{"base": a stage II MARS checkpoint at 16x16, "images": 32 px shapes shards, "triplets": their triplets}."""
+def world(checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """{"base": a stage II MARS checkpoint at 16x16 around test_t2i's tiny LLM and VQ, "images": 32 px
+    shapes shards, "triplets": their triplets, "superres": an untrained super-resolution checkpoint}."""
     root = tmp_path_factory.mktemp("superres")
-    rng = random.Random(0)
-    texts = [shapes.sample_record(rng)["prompt"] for _ in range(300)] + ["16x16 32x32 32x16 16x32"]
-    tokenizer = qwen_tokenizer(trim_to=texts)
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(root / "llm")
-    tokenizer.save_pretrained(root / "llm")
-    vq = VQTokenizer(VQGANConfig.from_preset("tiny"))
-    vq.save_pretrained(root / "vq")
-    semvie = SemVIEForCausalLM.from_llm(AutoModelForCausalLM.from_pretrained(root / "llm"), vq.codebook_size, image_positions=32)
+    vq = VQTokenizer.from_pretrained(checkpoints["vq"])
+    llm_dir = checkpoints["llm"]
+    semvie = SemVIEForCausalLM.from_llm(AutoModelForCausalLM.from_pretrained(llm_dir), vq.codebook_size, image_positions=32)
     MarsPipeline(
-        semvie, vq, AutoTokenizer.from_pretrained(root / "llm"), ["16x16"], resolution_in_prompt=True, row_end=True
+        semvie, vq, AutoTokenizer.from_pretrained(llm_dir), ["16x16"], resolution_in_prompt=True, row_end=True
     ).save_pretrained(root / "base")
     shapes.write_shards(root / "images", 48, seed=0, size=32, samples_per_shard=24, processes=1)
     cfg = OmegaConf.create(dict(
-        tokenizer=str(root / "vq"), input=str(root / "images"), output=str(root / "triplets"), lowres_short_side=16,
+        tokenizer=str(checkpoints["vq"]), input=str(root / "images"), output=str(root / "triplets"), lowres_short_side=16,
         long_side=32, degradations={"blur": 0.5, "jpeg_quality": 90}, keep_images=False, batch_size=16, device="cpu",
     ))
     superres_shards(cfg)
@@ -64,7 +55,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=perturb) * 0.3)
     module.export(root / "superres")
-    return {"base": root / "base", "images": root / "images", "triplets": root / "triplets", "vq": root / "vq", "superres": root / "superres"}
+    return {"base": root / "base", "images": root / "images", "triplets": root / "triplets", "vq": checkpoints["vq"], "superres": root / "superres"}
 
 
 def test_triplet_shards_hold_both_code_grids_and_the_caption(world):
