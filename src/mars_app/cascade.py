@@ -23,7 +23,6 @@ Design choices:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -34,21 +33,10 @@ from tqdm import tqdm
 
 from mars_app.pipeline import MarsPipeline, to_pil
 from mars_semvie.sequences import code_grid, codes_from_ids, collate, encode_prompt, image_slots, resolution_text
-from mars_superres import SuperResModel, decode, hires_size
+from mars_superres import DecodeStats, SuperResModel, decode, hires_size
 from mars_superres.decoding import MODES
 from mars_superres.model import parse_size
 from mars_tokenizer import VQTokenizer
-
-
-@dataclass
-class UpscaleStats:
-    forward_passes: int = 0
-    tokens: int = 0  # high-res tokens written, over all images
-    accepted: list[int] = field(default_factory=list)
-
-    @property
-    def mean_accepted_length(self) -> float:
-        return sum(self.accepted) / len(self.accepted) if self.accepted else float("nan")
 
 
 class SuperResPipeline:
@@ -92,13 +80,13 @@ class SuperResPipeline:
         seed: int = 0,
         batch_size: int = 8,
         progress: bool = False,
-    ) -> tuple[list[Image.Image], UpscaleStats]:
+    ) -> tuple[list[Image.Image], DecodeStats]:
         """One high-res image per (image, caption); images at a low-res size the model reads."""
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images for {len(captions)} captions")
         f = self.vq_tokenizer.downsample
         device = self.model.hires_embedding.device
-        stats = UpscaleStats()
+        stats = DecodeStats()
         out: list[Image.Image | None] = [None] * len(images)
         by_size: dict[tuple, list[int]] = {}
         for i, image in enumerate(images):
@@ -150,7 +138,7 @@ class Cascade:
         return cls(MarsPipeline.from_pretrained(base_dir, llm_path, device), SuperResPipeline.from_pretrained(superres_dir, llm_path, device))
 
     def generate(self, prompts: Sequence[str], tokens_per_step: int = 1, mode: str = "exact", seed: int = 0, batch_size: int = 8, progress: bool = False, **sampling):
-        """(base images, high-res images, UpscaleStats); ``sampling`` (cfg_scale, temperature,
+        """(base images, high-res images, DecodeStats); ``sampling`` (cfg_scale, temperature,
         top_k, top_p; None: the base checkpoint's defaults) applies to both steps."""
         if mode not in MODES:  # refused before the base images are drawn
             raise ValueError(f"decode={mode!r}: choose one of {', '.join(MODES)}")

@@ -42,7 +42,7 @@ MODES = ("fast", "exact")
 @dataclass
 class DecodeStats:
     forward_passes: int = 0
-    tokens: int = 0  # tokens written per row (slots)
+    tokens: int = 0  # tokens written: per row (the slots); summed over images by mars_app.cascade
     accepted: list[int] = field(default_factory=list)  # exact: tokens kept per verifying pass (1 + kept drafts)
 
     @property
