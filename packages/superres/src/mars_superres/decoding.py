@@ -22,7 +22,8 @@
   same number of drafts, the smallest any row kept: a row that kept more takes its kept draft
   at the first position beyond (a draw from p given its prefix), a row that rejected there its
   residual draw. Whether a position is used depends only on decisions before it, so each row
-  still gets exactly head-1 sampling; more rows mean fewer kept drafts per pass.
+  still gets exactly head-1 sampling; more rows mean fewer kept drafts per pass (measured on a
+  tiny trained model, K=4: 2.98 tokens per pass for one row, 1.28 for 40 rows: docs/LOG.md).
 - Head 1 here is the vision head restricted to the image slot's ids (codes): the same
   distribution as SemVIE's full multimodal softmax restricted to them.
 """
