@@ -16,14 +16,15 @@
   normalise(max(p - q, 0)); when every draft is kept head 1's last distribution gives the
   next c. The output then has exactly the distribution of head-1 sampling. p and q are the
   guided, tempered, top-k / top-p filtered distributions over codes (the same transformation
-  for both). The cache keeps the kept tokens and drops the rest (``length`` set back).
-- **Rows share the decision.** A guided batch is 2B rows (conditional first, then
-  unconditional, ``mars_semvie.sampling``), fed the same tokens. The B rows of a batch keep the
-  same number of drafts, the smallest any row kept: a row that kept more takes its kept draft
-  at the first position beyond (a draw from p given its prefix), a row that rejected there its
-  residual draw. Whether a position is used depends only on decisions before it, so each row
-  still gets exactly head-1 sampling; more rows mean fewer kept drafts per pass (measured on a
-  tiny trained model, K=4: 2.98 tokens per pass for one row, 1.28 for 40 rows: docs/LOG.md).
+  for both).
+- **Each row keeps its own drafts.** Rows of a batch accept different numbers of drafts; the
+  rejected ones stay in the KV cache as holes (attention mask 0), and each row's positions and
+  image offsets continue from its last kept token, so a row decodes exactly as it would alone.
+  When the cache fills up it is compacted (holes dropped, rows left-padded again). A guided
+  batch is 2B rows (conditional first, then unconditional, ``mars_semvie.sampling``): the two
+  rows of a prompt are fed the same tokens and share the decision. (Sharing the smallest kept
+  count over the batch instead cut the tokens per pass of a tiny trained model at K=4 from
+  2.98 for one row to 1.28 for 40 rows: docs/LOG.md.)
 - Head 1 here is the vision head restricted to the image slot's ids (codes): the same
   distribution as SemVIE's full multimodal softmax restricted to them.
 """
@@ -38,6 +39,7 @@ import torch
 from mars_semvie.sampling import Generators, _stack_left_padded, filter_logits, guide
 
 MODES = ("fast", "exact")
+FILLER = 0  # a text id: what exact decoding feeds where nothing is kept
 
 
 @dataclass
@@ -53,44 +55,63 @@ class DecodeStats:
 
 
 class Stream:
-    """A left-padded batch on the KV cache: feed tokens, take back the last ones fed."""
+    """A left-padded batch on the KV cache: feed tokens, keep each row's first few of them."""
 
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int):
         B, L = input_ids.shape
         self.model = model
-        self.mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+        self.mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.long()
         positions = (
             torch.arange(L, device=input_ids.device).expand(B, L)
             if self.mask is None
-            else (self.mask.long().cumsum(-1) - 1).clamp(min=0)
+            else (self.mask.cumsum(-1) - 1).clamp(min=0)
         )
         self.last = positions[:, -1:]
-        self.cache = model.semvie.new_cache(B, L + max_new_tokens)
+        # room for the kept tokens and as many holes again before a compaction
+        self.cache = model.semvie.new_cache(B, L + 2 * max_new_tokens + 16)
+        self.offsets = model.semvie.image_position is not None
         self.forward_passes = 1
         self.h = model.hidden(input_ids, self.mask, positions, cache=self.cache)[:, -1:]
 
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens (rows, n) after everything kept; returns their final hidden states (rows, n, hidden)."""
+        """Tokens (rows, n) after each row's last kept one; their final hidden states (rows, n, hidden)."""
         n = tokens.shape[1]
+        if self.cache.length + n > self.cache.max_length:
+            self.compact()
         positions = self.last + 1 + torch.arange(n, device=tokens.device)
         if self.mask is not None:
             self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), n)], dim=1)
+        self.before = (self.last, self.cache.image_offset.clone() if self.offsets else None)
         hires = torch.ones_like(tokens, dtype=torch.bool)  # everything fed after the prompt is high-res
         self.h = self.model.hidden(tokens, self.mask, positions, cache=self.cache, hires=hires)
         self.last = positions[:, -1:]
         self.forward_passes += 1
         return self.h
 
-    def drop(self, n: int) -> None:
-        """Forget the last n tokens fed (rejected drafts): later tokens overwrite their cache rows."""
-        if n == 0:
+    def keep(self, kept: torch.Tensor, n: int) -> None:
+        """Of the n tokens fed last, row r keeps its first kept[r]; the others become holes."""
+        if bool((kept == n).all()):
             return
-        self.cache.length -= n
-        if self.model.semvie.image_position is not None:  # the offset of the last kept token
-            self.cache.image_offset = self.cache.image_offset - n
-        if self.mask is not None:
-            self.mask = self.mask[:, :-n]
-        self.last = self.last - n
+        last, offset = self.before
+        if self.mask is None:
+            self.mask = torch.ones(len(kept), self.cache.length, dtype=torch.long, device=kept.device)
+        self.mask[:, -n:] = (torch.arange(n, device=kept.device) < kept[:, None]).long()
+        self.last = last + kept[:, None]
+        if self.offsets:  # the image offset of each row's last kept token
+            self.cache.image_offset = offset + kept
+
+    def compact(self) -> None:
+        """Drop the holes from the cache; rows with fewer entries are left-padded (mask 0)."""
+        length = self.cache.length
+        valid = self.mask.bool() if self.mask is not None else torch.ones(len(self.last), length, dtype=torch.bool, device=self.last.device)
+        keep = int(valid.sum(1).max())
+        order = torch.sort(valid.long(), dim=1, stable=True).indices[:, -keep:]  # holes first, entries in order
+        for store in (self.cache.keys, self.cache.values):
+            for tensor in store:
+                index = order[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[3])
+                tensor[:, :, :keep] = tensor[:, :, :length].gather(2, index)
+        self.cache.length = keep
+        self.mask = valid.gather(1, order).long()
 
 
 class Policy:
@@ -218,71 +239,75 @@ def _fast(model, stream: Stream, policy: Policy, slots: list, K: int, guided: bo
 
 
 def _exact(model, stream: Stream, policy: Policy, slots: list, K: int, guided: bool):
-    """Head 1 draws, heads 2..K draft, head 1 verifies in the next pass (module docstring)."""
+    """Head 1 draws, heads 2..K draft, head 1 verifies in the next pass; each row keeps its own
+    drafts (module docstring)."""
     B, N, device = policy.batch, len(slots), stream.h.device
+    placed = torch.tensor([-1 if slot is None else slot for slot in slots] + [-1] * K, device=device)  # -1: drawn
+    rows = torch.arange(B, device=device)
+    out = torch.full((B, N + K), -1, dtype=torch.long, device=device)  # K spare columns: drafts past the end
+    pos = torch.zeros(B, dtype=torch.long, device=device)  # tokens each row has written
     stats = DecodeStats()
-    out: list[torch.Tensor] = []
 
-    def propose(h: torch.Tensor, first: torch.Tensor | None):
-        """(c, drafts (B, n), their q (B, n, C) or None) at the position whose state is h (rows, hidden).
-        ``first``: c already decided (a kept draft or a residual draw), else drawn from head 1."""
-        pos = len(out)
-        n = min(K - 1, N - pos - 1)
-        logits = model.visual_logits(h, n + 1)
-        scores = policy.scores(logits)  # (B, n + 1, C)
-        if first is None:
-            first = _forced(slots[pos], B, device) if slots[pos] is not None else policy.to_ids(policy.pick(scores[:, 0]))
-        drafts, q = [], []
-        for j in range(1, n + 1):
-            slot = slots[pos + j]
-            if slot is not None:
-                drafts.append(_forced(slot, B, device))
-                q.append(None)
-                continue
-            s = scores[:, j]
-            drafts.append(policy.to_ids(policy.pick(s)))
-            q.append(None if policy.greedy else policy.probs(s))
-        return first, drafts, q
+    def place(tokens: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """Tokens with the layout's ids where the slots ``at`` (same shape) are placed."""
+        fixed = placed[at.clamp(max=N + K - 1)]
+        return torch.where(fixed >= 0, fixed, tokens)
 
-    c, drafts, q = propose(stream.h[:, -1], None)
+    def propose(h: torch.Tensor):
+        """Drafts (B, K-1) for slots pos+1.. and their q (B, K-1, C) from heads 2..K at states h (rows, hidden)."""
+        scores = policy.scores(model.visual_logits(h, K)[..., 1:, :])  # (B, K-1, C)
+        at = pos[:, None] + 1 + torch.arange(K - 1, device=device)
+        if policy.greedy:
+            return place(policy.to_ids(scores.argmax(-1)), at), None
+        q = policy.probs(scores)
+        return place(policy.to_ids(policy.draw(q)), at), q
+
+    h = stream.h[:, -1]
+    c = place(policy.to_ids(policy.pick(policy.scores(model.visual_logits(h, 1)[:, 0]))), pos)
+    drafts, q = propose(h)
+    n = K - 1
     while True:
-        out.append(c)
-        if len(out) == N:
+        active = pos < N
+        out[rows, pos] = torch.where(active, c, out[rows, pos])
+        pos = pos + active.long()
+        if not bool((pos < N).any()):
             break
-        n = len(drafts)
-        h = stream.feed(_both(torch.stack([c, *drafts], dim=1), guided))  # (rows, 1 + n, hidden)
+        fed = torch.cat([c[:, None], drafts], dim=1)
+        # past a row's last slot (a finished row, drafts past the end) a text token fills the
+        # block: it becomes a hole, and as a text token it takes no image offset beyond the table
+        beyond = ~active[:, None] | (pos[:, None] - 1 + torch.arange(1 + n, device=device) >= N)
+        h = stream.feed(_both(fed.masked_fill(beyond, FILLER), guided))  # (rows, 1 + n, hidden)
         p_scores = policy.scores(model.visual_logits(h, 1)[..., 0, :])  # (B, 1 + n, C): head 1 after each fed token
-        keep = torch.ones(B, n, dtype=torch.bool, device=device)
-        residual = [None] * n
-        u = None if policy.greedy else policy.uniform(n)
-        for j in range(n):
-            if slots[len(out) + j] is not None:
-                continue  # placed: p and q are the same point mass
-            index = drafts[j] - policy.codes.start - policy.T
-            if policy.greedy:
-                keep[:, j] = p_scores[:, j].argmax(-1) == index
-                continue
-            p = policy.probs(p_scores[:, j])
-            p_d = p.gather(1, index[:, None]).squeeze(1)
-            q_d = q[j].gather(1, index[:, None]).squeeze(1)
-            keep[:, j] = u[:, j] * q_d < p_d  # u < p/q, without dividing by a tiny q
-            rest = (p - q[j]).clamp(min=0)
-            residual[j] = rest / rest.sum(-1, keepdim=True).clamp(min=1e-12)
-        kept = int(keep.long().cumprod(1).sum(1).min()) if n else 0  # drafts every row keeps
-        out += drafts[:kept]
-        stats.accepted.append(1 + kept)
-        stream.drop(n - kept)
-        if len(out) == N:
-            break
-        # the token after the kept ones: a row's own kept draft, its residual draw, or (every
-        # draft kept) a draw from head 1 after the last one
-        if kept < n:
-            j = kept
-            if slots[len(out)] is not None or policy.greedy:
-                nxt = drafts[j] if slots[len(out)] is not None else policy.to_ids(p_scores[:, j].argmax(-1))
-            else:
-                nxt = torch.where(keep[:, j], drafts[j], policy.to_ids(policy.draw(residual[j])))
+        at = pos[:, None] + torch.arange(n, device=device)  # the drafts' slots
+        index = drafts - policy.codes.start - policy.T  # code index (placed ids fall outside, unused)
+        fixed = placed[at.clamp(max=N + K - 1)] >= 0
+        if policy.greedy:
+            keep = p_scores[:, :n].argmax(-1) == index
         else:
-            nxt = None
-        c, drafts, q = propose(h[:, kept], nxt)
-    return torch.stack(out, dim=1), stats
+            p = policy.probs(p_scores[:, :n])  # (B, n, C)
+            safe = index.clamp(0, p.shape[-1] - 1)[..., None]
+            keep = policy.uniform(n) * q.gather(2, safe)[..., 0] < p.gather(2, safe)[..., 0]  # u < p/q without dividing
+        keep = (keep | fixed) & (at < N)
+        kept = keep.long().cumprod(1).sum(1) * active  # drafts each row keeps (none for a finished row)
+        for j in range(n):  # write the kept drafts
+            write = active & (kept > j)
+            out[rows, (pos + j).clamp(max=N + K - 1)] = torch.where(write, drafts[:, j], out[rows, (pos + j).clamp(max=N + K - 1)])
+        stats.accepted += (1 + kept[active]).tolist()
+        stream.keep(_both(active.long() * (1 + kept), guided), 1 + n)
+        pos = pos + kept
+        # the next token: head 1 after each row's last kept token; at a rejected draft, from
+        # normalise(max(p - q, 0)) (greedy: the argmax either way)
+        last = kept  # fed position of the last kept token (c is position 0)
+        p_next = p_scores[rows, last]  # (B, C)
+        if policy.greedy:
+            c = policy.to_ids(p_next.argmax(-1))
+        else:
+            p = policy.probs(p_next)
+            rejected = last < n
+            q_next = q[rows, last.clamp(max=n - 1)] if n else p
+            rest = (p - q_next).clamp(min=0)
+            rest = rest / rest.sum(-1, keepdim=True).clamp(min=1e-12)
+            c = policy.to_ids(policy.draw(torch.where(rejected[:, None], rest, p)))
+        c = place(c, pos)
+        drafts, q = propose(stream.h[torch.cat([rows, rows + B]) if guided else rows, _both(last, guided)])
+    return out[:, :N], stats
