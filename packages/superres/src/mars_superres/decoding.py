@@ -19,8 +19,10 @@
   for both).
 - **Each row keeps its own drafts.** Rows of a batch accept different numbers of drafts; the
   rejected ones stay in the KV cache as holes (attention mask 0), and each row's positions and
-  image offsets continue from its last kept token, so a row decodes exactly as it would alone.
-  When the cache fills up it is compacted (holes dropped, rows left-padded again). A guided
+  image offsets continue from its last kept token, so a row decodes as it would alone (up to
+  floating-point rounding). Past a row's last slot (a finished row, drafts beyond the end) a
+  filler text token is fed and becomes a hole. When the cache fills up it is compacted (holes
+  dropped, rows left-padded again). A guided
   batch is 2B rows (conditional first, then unconditional, ``mars_semvie.sampling``): the two
   rows of a prompt are fed the same tokens and share the decision. (Sharing the smallest kept
   count over the batch instead cut the tokens per pass of a tiny trained model at K=4 from
@@ -46,11 +48,11 @@ FILLER = 0  # a text id: what exact decoding feeds where nothing is kept
 class DecodeStats:
     forward_passes: int = 0
     tokens: int = 0  # tokens written: per row (the slots); summed over images by mars_app.cascade
-    accepted: list[int] = field(default_factory=list)  # exact: tokens kept per verifying pass (1 + kept drafts)
+    accepted: list[int] = field(default_factory=list)  # exact: per row and verifying pass, 1 + kept drafts; fast: K per pass
 
     @property
     def mean_accepted_length(self) -> float:
-        """Exact mode: mean tokens kept per verifying pass (1 = no draft ever kept); fast: K."""
+        """Exact mode: mean tokens a row keeps per verifying pass (1 = no draft ever kept); fast: about K."""
         return sum(self.accepted) / len(self.accepted) if self.accepted else float("nan")
 
 
