@@ -3,6 +3,7 @@
     python apps/generate.py ckpt=DIR prompts=FILE.jsonl out=DIR [grid=true]
     python apps/generate.py ckpt=DIR prompt="a red circle above one blue square"
     python apps/generate.py ckpt=DIR task=caption images=DIR out=FILE.jsonl
+    python apps/generate.py ckpt=DIR prompts=FILE.jsonl out=DIR superres=SR_DIR tokens_per_step=4 decode=exact
 
 task=t2i writes one image per prompt, ``DIR/00000.png``, ``00001.png``, ... in the order of
 the prompt file's rows (blank lines skipped, as apps/evaluate.py does), so the evaluator
@@ -21,6 +22,11 @@ Nothing of the user's is overwritten: a non-empty ``out`` (or an existing captio
 refused unless ``overwrite=true``, which first removes the images an earlier run left there so
 no stale ones remain. Options and inputs are checked before the model loads or anything is
 written (``mars_app.cli``).
+
+With ``superres=SR_DIR`` (a stage III checkpoint) each base image is upscaled by the cascade
+(``mars_app.cascade``): ``DIR/00000.png`` ... are the high-res images, ``save_base=true``
+also writes the base ones to ``DIR/base/``, and the grid shows each base image beside its
+high-res one.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from omegaconf import DictConfig
 from PIL import Image, ImageDraw, ImageFont
 
 from mars_app.cli import check_options, run_app
+from mars_app.cascade import Cascade, SuperResPipeline
 from mars_app.pipeline import MarsPipeline
 from mars_core.io import write_text_atomic
 from mars_data.images import ImageError, load_image
@@ -176,7 +183,12 @@ def generate(cfg: DictConfig) -> dict:
     else:
         paths = list_images(cfg.images)
     check_out(cfg)
+    superres = None
+    if cfg.task == "t2i" and cfg.get("superres"):
+        superres = SuperResPipeline.from_pretrained(cfg.superres, llm_path=cfg.llm_path, device=cfg.device)
     pipeline = MarsPipeline.from_pretrained(cfg.ckpt, llm_path=cfg.llm_path, device=cfg.device)
+    if superres is not None:
+        return draw_cascade(cfg, Cascade(pipeline, superres), prompts)
     return draw(cfg, pipeline, prompts) if cfg.task == "t2i" else caption(cfg, pipeline, paths)
 
 
@@ -225,6 +237,36 @@ def draw(cfg: DictConfig, pipeline: MarsPipeline, prompts: list[str]) -> dict:
         image_grid(images, labels, cfg.grid_columns, cfg.grid_font).save(grid)
     print(f"{len(paths)} images written to {out}" + (f", grid: {grid}" if grid else ""))
     return {"images": paths, "grid": grid}
+
+
+def draw_cascade(cfg: DictConfig, cascade: Cascade, prompts: list[str]) -> dict:
+    """The cascade: high-res images (and with save_base the base ones), a side-by-side grid."""
+    out = Path(cfg.out or cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sampling = {k: cfg[k] for k in ("cfg_scale", "temperature", "top_k", "top_p")}
+    base, high, stats = cascade.generate(
+        prompts, tokens_per_step=cfg.tokens_per_step, mode=cfg.decode, seed=cfg.seed, batch_size=cfg.batch_size,
+        progress=True, **sampling,
+    )
+    paths = [out / cfg.image_name.format(index=index) for index in range(len(high))]
+    for path, image in zip(paths, high):
+        image.save(path)
+    if cfg.save_base:
+        (out / "base").mkdir(exist_ok=True)
+        for index, image in enumerate(base):
+            image.save(out / "base" / cfg.image_name.format(index=index))
+    grid = None
+    if cfg.grid:  # each base image (enlarged to the high-res size) beside its high-res image
+        grid = out / "grid.png"
+        pairs = [im for b, h in zip(base, high) for im in (b.resize(h.size, Image.NEAREST), h)]
+        labels = [f"{index}{' base' if k == 0 else ''}: {prompt}" for index, prompt in enumerate(prompts) for k in (0, 1)]
+        image_grid(pairs, labels, 2 * max(1, cfg.grid_columns // 2), cfg.grid_font).save(grid)
+    print(
+        f"{len(paths)} high-res images written to {out} (K={cfg.tokens_per_step}, {cfg.decode}: {stats.forward_passes} "
+        f"forward passes for {stats.tokens} tokens, mean accepted length {stats.mean_accepted_length:.2f})"
+        + (f", grid: {grid}" if grid else "")
+    )
+    return {"images": paths, "grid": grid, "stats": stats}
 
 
 def caption(cfg: DictConfig, pipeline: MarsPipeline, paths: list[Path]) -> dict:

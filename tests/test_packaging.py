@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Siblings are not on PyPI: a package's MARS dependencies (core; semvie for superres) are installed from the tree too.
+# Siblings are not on PyPI: a package's MARS dependencies (core; tokenizer and semvie for superres) are installed from the tree too.
 INSTALL = {
     "core": ["packages/core"],
     "tokenizer": ["packages/core", "packages/tokenizer"],
     "semvie": ["packages/core", "packages/semvie"],
     "data": ["packages/core", "packages/data"],
-    "superres": ["packages/core", "packages/semvie", "packages/superres"],
+    "superres": ["packages/core", "packages/tokenizer", "packages/semvie", "packages/superres"],
 }
 
 

@@ -52,7 +52,7 @@ def test_a_tar_cut_at_a_member_boundary_is_reported_with_the_samples_lost(shards
     end = members[14].offset_data + (members[14].size + 511) // 512 * 512
     shard.write_bytes(shard.read_bytes()[:end])
     assert len(list(read_samples(shard))) == 5  # tarfile reads it without complaint
-    datamodule = ShardDataModule(str(shards), batch_size=4, shuffle_buffer=0, image_size=None)
+    datamodule = ShardDataModule(str(shards), batch_size=4, shuffle_buffer=0)
     read = sum(len(b["key"]) for b in batches(datamodule))
     assert read == 8 + 5 + 8
     assert datamodule.skips.by_shard() == {str(shard): {"truncated_shard": 3}}
@@ -65,7 +65,7 @@ def test_empty_shard_bomb_image_and_missing_shard_are_counted_and_skipped(shards
     write_samples(shards / "shapes-000002.tar", samples)
     write_samples(shards / "shapes-000003.tar", {})  # a shard with no sample at all
     write_manifest(shards, {"shapes-000003.tar": 0})
-    datamodule = ShardDataModule(str(shards), batch_size=4, shuffle_buffer=8, image_size=None)
+    datamodule = ShardDataModule(str(shards), batch_size=4, shuffle_buffer=8)
     loader = datamodule.train_dataloader()  # the shard list is taken now ...
     (shards / "shapes-000000.tar").unlink()  # ... and a shard disappears before it is read
     read = sum(len(b["key"]) for b in loader)
@@ -82,7 +82,7 @@ def test_a_run_on_data_with_no_usable_sample_stops_within_60_s_naming_shards_and
     bad.mkdir()
     for shard in range(2):
         write_samples(bad / f"bad-{shard}.tar", {f"{shard}{i:03d}": {"png": b"not a png", "txt": b"a red circle"} for i in range(10)})
-    cfg = make_cfg([*TINY_TOKENIZER, f"data.train_shards={bad}", "data.image_size=32", "data.batch_size=4",
+    cfg = make_cfg([*TINY_TOKENIZER, f"data.train_shards={bad}", "data.resolutions=[32x32]", "data.batch_size=4",
                     "data.num_workers=0", "data.max_failures=200", "trainer.max_steps=5"])
     start = time.monotonic()
     with pytest.raises(DataError) as error:
@@ -98,7 +98,7 @@ def test_skips_are_logged_as_metrics_per_reason(make_cfg, shards):
     for key in sorted(samples)[:2]:
         samples[key]["png"] = b"garbage"
     write_samples(shards / "shapes-000000.tar", samples)
-    cfg = make_cfg([*TINY_TOKENIZER, f"data.train_shards={shards}", "data.image_size=32", "data.batch_size=4",
+    cfg = make_cfg([*TINY_TOKENIZER, f"data.train_shards={shards}", "data.resolutions=[32x32]", "data.batch_size=4",
                     "data.num_workers=0", "data.shuffle_buffer=0", "trainer.max_steps=6"])
     metrics = train(cfg)
     assert metrics["data/skipped_bad_image"] == 2

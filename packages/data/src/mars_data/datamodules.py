@@ -86,6 +86,8 @@ class ShardDataModule(L.LightningDataModule):
             ratio, resized to cover and centre-cropped: ``mars_data.images.prepare_image``);
             one square size is stage I's resize + centre crop. None keeps stored sizes.
             Batches are bucketed by size either way.
+        extra_codes: names of further ``<name>.codes.npy`` members read into
+            ``batch["<name>_codes"]`` (super-resolution triplets: ``[lowres]``).
         shuffle_seed: seeds the training stream's order (with the epoch); resuming needs the same.
         max_failures: attempts in a row without a usable sample before reading stops with an
             error naming the shards and reasons.
@@ -110,6 +112,7 @@ class ShardDataModule(L.LightningDataModule):
         resolutions: Sequence[str] | None = None,
         shuffle_seed: int = 0,
         max_failures: int = 1000,
+        extra_codes: Sequence[str] = (),
     ):
         super().__init__()
         if resampled and not samples_per_epoch:
@@ -123,7 +126,7 @@ class ShardDataModule(L.LightningDataModule):
         self.resampled = resampled
         self.samples_per_epoch = samples_per_epoch
         sizes = [parse_resolution(r) for r in resolutions] if resolutions else None
-        self.decoding = {"load_images": load_images, "load_codes": load_codes, "resolutions": sizes}
+        self.decoding = {"load_images": load_images, "load_codes": load_codes, "resolutions": sizes, "extra_codes": tuple(extra_codes)}
         self.position = StreamPosition(shuffle_seed)
         self.max_failures = max_failures
         self.skips: SkipCounter | None = None  # of the training stream, made with its loader

@@ -3,7 +3,9 @@
 A sample is the group of tar members sharing a key. Two layouts are read:
 - shapes-world shards (``png``, ``txt``, ``json`` with the scene record),
 - img2dataset shards (``jpg`` or ``png``, ``txt``, ``json`` with url, width, height, ...),
-either of them with a ``codes.npy`` member added by pre-tokenization (an integer array h x w).
+either of them with a ``codes.npy`` member added by pre-tokenization (an integer array h x w),
+and optionally further code members ``<name>.codes.npy`` (``extra_codes``; e.g. the low-res
+codes of super-resolution triplets) read into ``<name>_codes``.
 
 Broken data never stops training, and never hangs it: a shard that is missing, cannot be
 read, holds no sample or fewer samples than its manifest (``mars_data.tars.write_manifest``)
@@ -248,11 +250,19 @@ def decode_codes(data: bytes) -> torch.Tensor:
 class SampleDecoder:
     """Pipeline stage: raw tar samples -> decoded samples; a sample that fails is skipped."""
 
-    def __init__(self, skips: SkipCounter, load_images: bool, load_codes: bool, resolutions: Sequence[tuple[int, int]] | None):
+    def __init__(
+        self,
+        skips: SkipCounter,
+        load_images: bool,
+        load_codes: bool,
+        resolutions: Sequence[tuple[int, int]] | None,
+        extra_codes: Sequence[str] = (),
+    ):
         self.skips = skips
         self.load_images = load_images
         self.load_codes = load_codes
         self.resolutions = resolutions
+        self.extra_codes = tuple(extra_codes)
 
     def decode(self, sample: dict) -> dict:
         record = json.loads(sample["json"]) if "json" in sample else {}
@@ -278,6 +288,13 @@ class SampleDecoder:
                 out["codes"] = decode_codes(sample[CODES_KEY])
             except ValueError as exn:
                 raise Skip("bad_codes", str(exn)) from exn
+        for name in self.extra_codes:
+            if f"{name}.{CODES_KEY}" not in sample:
+                raise Skip("missing_member", f"no {name}.{CODES_KEY} member")
+            try:
+                out[f"{name}_codes"] = decode_codes(sample[f"{name}.{CODES_KEY}"])
+            except ValueError as exn:
+                raise Skip("bad_codes", str(exn)) from exn
         return out
 
     def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
@@ -295,8 +312,8 @@ class SampleDecoder:
 
 def collate(samples: list[dict]) -> dict:
     batch = {name: [s[name] for s in samples] for name in ("key", "url", "caption", "record")}
-    for name in ("image", "codes"):
-        if name in samples[0]:
+    for name, value in samples[0].items():
+        if isinstance(value, torch.Tensor):  # image, codes and any extra codes
             batch[name] = torch.stack([s[name] for s in samples])
     return batch
 
@@ -309,7 +326,7 @@ class BucketBatcher:
 
     @staticmethod
     def bucket(sample: dict) -> tuple:
-        return tuple(tuple(sample[name].shape) for name in ("image", "codes") if name in sample)
+        return tuple((name, tuple(value.shape)) for name, value in sample.items() if isinstance(value, torch.Tensor))
 
     def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
         buckets: dict[tuple, list[dict]] = {}
@@ -337,6 +354,7 @@ def shard_pipeline(
     resolutions: Sequence[tuple[int, int]] | None = None,
     position: StreamPosition | None = None,
     batch_stage=None,
+    extra_codes: Sequence[str] = (),
 ) -> wds.DataPipeline:
     """The iterable of batches over ``urls``.
 
@@ -358,7 +376,7 @@ def shard_pipeline(
     stages.append(ShardReader(skips, select_files=None if load_images else is_not_an_image))
     if shuffle_buffer > 0:
         stages.append(SeededShuffle(position, "samples", shuffle_buffer, min(shuffle_buffer, 100)))
-    stages += [SampleDecoder(skips, load_images, load_codes, resolutions), BucketBatcher(batch_size)]
+    stages += [SampleDecoder(skips, load_images, load_codes, resolutions, extra_codes), BucketBatcher(batch_size)]
     if batch_stage is not None:
         stages.append(lambda batches: batch_stage(batches, skips, position.rng("sequences")))
     pipeline = wds.DataPipeline(*stages)

@@ -99,6 +99,7 @@ class SemVIEOutput:
     logits: torch.Tensor | None  # (batch, length or logits_to_keep, vocab.size); None if not asked for
     loss: torch.Tensor | None = None
     cache: KVCache | None = None
+    hidden: torch.Tensor | None = None  # (batch, length, hidden): the heads' input (after the final norm), if asked for
 
 
 class KVCache:
@@ -311,6 +312,8 @@ class SemVIEForCausalLM(nn.Module):
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
         return_logits: bool = True,
+        embedding_offset: torch.Tensor | None = None,
+        return_hidden: bool = False,
     ) -> SemVIEOutput:
         """Logits over the multimodal vocabulary (and the shifted next-token loss if labels).
 
@@ -321,6 +324,11 @@ class SemVIEForCausalLM(nn.Module):
         logits_to_keep: if > 0, only the last that many positions get logits.
         return_logits: False (training) skips the logits of the whole sequence: the loss needs
             the heads only on the positions that have a target.
+        embedding_offset: (B, L, hidden) added to the token embeddings (e.g. mars_superres's
+            learned type embedding of high-resolution tokens); text rows before any image run
+            under no_grad while training, so put offsets only on rows after an image.
+        return_hidden: also return the final hidden states (the heads' input) as ``hidden``,
+            for heads outside this model (mars_superres's next-K-token heads).
         """
         B, L = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -339,6 +347,8 @@ class SemVIEForCausalLM(nn.Module):
         )
         if self.image_position is not None:
             h = h + router.to_expert_order(self._image_position_embeddings(input_ids, visual, cache).flatten(0, 1))
+        if embedding_offset is not None:
+            h = h + router.to_expert_order(embedding_offset.to(h.dtype).flatten(0, 1))
         cos, sin = self.llm.model.rotary_emb(h, position_ids)
         for i in range(len(self.llm.model.layers)):
             args = (i, h, router, cos, sin, mask, is_causal, cache, B, L)
@@ -360,7 +370,7 @@ class SemVIEForCausalLM(nn.Module):
         logits = None
         if return_logits:
             logits = self._heads(h[:, -logits_to_keep:] if logits_to_keep else h)
-        return SemVIEOutput(logits=logits, loss=loss, cache=cache)
+        return SemVIEOutput(logits=logits, loss=loss, cache=cache, hidden=h if return_hidden else None)
 
     def target_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the heads' logits at hidden states ``h`` (N, d) against ``targets``.

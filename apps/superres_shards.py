@@ -1,0 +1,154 @@
+"""Super-resolution triplets: ``python apps/superres_shards.py tokenizer=DIR input=SHARDS output=DIR``.
+
+Every sample of ``input`` (webdataset shards with an image and a caption: shapes-world or
+img2dataset layout) becomes a (low-res codes, caption, high-res codes) triplet:
+
+- high-res size: the low-res size's long side scaled to ``long_side``, aspect ratio kept
+  (``mars_superres.hires_size``); the image is resized to it (bicubic);
+- low-res image: the high-res image resized down (bicubic) to short side ``lowres_short_side``
+  (both sides multiples of the tokenizer's downsampling), then the optional degradations
+  (Gaussian blur, JPEG re-encoding) that make the model robust to the base model's outputs;
+- both encoded with the VQ tokenizer: ``<key>.codes.npy`` (high-res) and
+  ``<key>.lowres.codes.npy``; the caption and record members (txt, json) are copied, the image
+  only with ``keep_images``. Training reads them with ``data=superres_triplets``.
+
+Shards keep their file names; each is written to a temporary name and renamed when complete
+(``mars_core.io.atomic_path``). A sample whose image cannot be read is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from PIL import Image, ImageFilter
+from tqdm import tqdm
+
+from mars_core.io import atomic_path
+from mars_data.images import load_image
+from mars_data.tars import npy_member, read_samples, split_key
+from mars_data.webdata import CODES_KEY, IMAGE_KEYS, expand_urls
+from mars_superres import hires_size
+from mars_tokenizer import VQTokenizer
+
+log = logging.getLogger(__name__)
+LOWRES = "lowres"  # the low-res codes member: <key>.lowres.codes.npy (data.extra_codes)
+
+
+def lowres_size(width: int, height: int, short_side: int, multiple: int) -> tuple[int, int]:
+    """Short side ``short_side``, aspect ratio kept, the long side rounded to ``multiple``."""
+    scale = short_side / min(width, height)
+    long = max(multiple, round(max(width, height) * scale / multiple) * multiple)
+    return (long, short_side) if width >= height else (short_side, long)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+
+class TripletMaker:
+    """Resizes, degrades and encodes the images of shards, in same-size batches."""
+
+    def __init__(self, tokenizer: VQTokenizer, cfg: DictConfig):
+        self.tokenizer = tokenizer
+        self.f = tokenizer.downsample
+        if cfg.lowres_short_side % self.f or cfg.long_side % self.f:
+            raise ValueError(
+                f"lowres_short_side={cfg.lowres_short_side} and long_side={cfg.long_side} must be multiples "
+                f"of the tokenizer's downsampling {self.f}"
+            )
+        self.cfg = cfg
+        self.skipped = 0
+        self.dtype = np.int16 if tokenizer.codebook_size <= 32767 else np.int32
+
+    def pair(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        """(high-res, low-res) images as tensors in [-1, 1]."""
+        low = lowres_size(*image.size, self.cfg.lowres_short_side, self.f)
+        high = hires_size(*low, self.cfg.long_side, self.f)
+        hi = image if image.size == high else image.resize(high, Image.Resampling.BICUBIC)
+        lo = hi.resize(low, Image.Resampling.BICUBIC)
+        degrade = self.cfg.degradations
+        if degrade.blur:
+            lo = lo.filter(ImageFilter.GaussianBlur(degrade.blur))
+        if degrade.jpeg_quality:
+            buffer = io.BytesIO()
+            lo.save(buffer, format="JPEG", quality=int(degrade.jpeg_quality))
+            lo = load_image(buffer.getvalue(), "the degraded low-res image")
+        return to_tensor(hi), to_tensor(lo)
+
+    def encode(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Codes of each image, encoded in batches of equal size."""
+        codes: list = [None] * len(images)
+        by_size: dict[tuple, list[int]] = {}
+        for i, image in enumerate(images):
+            by_size.setdefault(tuple(image.shape), []).append(i)
+        for indices in by_size.values():
+            for start in range(0, len(indices), self.cfg.batch_size):
+                chunk = indices[start : start + self.cfg.batch_size]
+                for i, c in zip(chunk, self.tokenizer.encode(torch.stack([images[i] for i in chunk])).cpu()):
+                    codes[i] = c
+        return codes
+
+    def shard(self, source: str, target: Path, bar: tqdm) -> None:
+        samples = []
+        for key, members in read_samples(source):
+            image = next((data for info, data in members if split_key(info.name)[1].lower() in IMAGE_KEYS), None)
+            try:
+                if image is None:
+                    raise ValueError("no image member")
+                hi, lo = self.pair(load_image(image, f"sample {key} of {source}"))
+            except ValueError as error:  # ImageError is a ValueError
+                self.skipped += 1
+                log.warning("skipped sample %s of %s: %s", key, source, error)
+                continue
+            keep = [
+                (info, data) for info, data in members
+                if not split_key(info.name)[1].endswith(CODES_KEY)
+                and (self.cfg.keep_images or split_key(info.name)[1].lower() not in IMAGE_KEYS)
+            ]
+            samples.append((key, keep, hi, lo))
+        high = self.encode([s[2] for s in samples])
+        low = self.encode([s[3] for s in samples])
+        with atomic_path(target) as tmp, tarfile.open(tmp, "w") as out:
+            for (key, members, _, _), hi_codes, lo_codes in zip(samples, high, low):
+                members = members + [
+                    npy_member(f"{key}.{CODES_KEY}", hi_codes.numpy().astype(self.dtype)),
+                    npy_member(f"{key}.{LOWRES}.{CODES_KEY}", lo_codes.numpy().astype(self.dtype)),
+                ]
+                for info, data in members:
+                    out.addfile(info, io.BytesIO(data))
+                bar.update(1)
+
+
+def superres_shards(cfg: DictConfig) -> list[Path]:
+    """Write the triplet shards of cfg.input to cfg.output; returns them."""
+    sources = expand_urls(cfg.input)
+    names = [Path(s).name for s in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"input shards share file names; they would overwrite each other in {cfg.output}")
+    maker = TripletMaker(VQTokenizer.from_pretrained(cfg.tokenizer, device=cfg.device), cfg)
+    output = Path(cfg.output)
+    written = []
+    with tqdm(desc="triplets", unit="sample") as bar:
+        for source, name in zip(sources, names):
+            maker.shard(source, output / name, bar)
+            written.append(output / name)
+    if maker.skipped:
+        log.warning("%d samples skipped (no readable image)", maker.skipped)
+    log.info("wrote %d triplet shards to %s", len(written), output)
+    return written
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="superres_shards")
+def main(cfg: DictConfig) -> None:
+    superres_shards(cfg)
+
+
+if __name__ == "__main__":
+    main()

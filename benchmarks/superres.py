@@ -1,0 +1,176 @@
+"""Super-resolution decoding, K=1 vs K=2/4/8, fast and exact, side by side in one run:
+
+    python benchmarks/superres.py [--grid 16] [--batch 4] [--rounds 2] [--threads 1]
+    python benchmarks/superres.py --base <stage I/II run>/mars --superres <stage III run>/superres [--num 200]
+
+Per variant: forward passes, high-res tokens per second, wall-clock ratio to K=1, mean
+accepted length (exact), and whether greedy output equals K=1's (exact: asserted). Variants
+run interleaved, round by round; each time is the median over rounds, so load from other
+jobs hits them alike. Greedy, guidance 1.5.
+
+Without checkpoints: a random SuperResModel (Qwen2 hidden 256, 4 layers, 8,192 codes, K_max 8,
+random heads) upscales random low-res grids (grid/2 -> grid codes, row ends): speed only, and
+random heads rarely draft what head 1 would draw, so exact mode gains little there.
+
+With ``--base`` and ``--superres`` (the shapes world): held-out prompts (``--seed``, no
+training job uses it) are drawn at 64 px by the base model once, then upscaled by each variant
+and scored at 128 px by the shapes evaluator (single / pair / spatial per language, the base
+images' scores beside them); and ground-truth 64 px renders are upscaled by each variant, by
+nearest-neighbour and by bicubic resizing: the share of pixels whose palette colour equals
+the exact 128 px render's (``mars_data.shapes.scoring.classify_pixels``).
+
+One torch thread by default (see benchmarks/generation.py); ``--threads 2`` on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from mars_semvie import SemVIEForCausalLM
+from mars_semvie.sequences import collate, image_slots
+from mars_superres import SuperResConfig, SuperResModel, decode
+
+VARIANTS = [(1, "exact"), (2, "fast"), (4, "fast"), (8, "fast"), (2, "exact"), (4, "exact"), (8, "exact")]
+
+
+def random_model(args) -> SuperResModel:
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=1024, hidden_size=args.hidden, intermediate_size=3 * args.hidden, num_hidden_layers=args.layers,
+        num_attention_heads=4, num_key_value_heads=4, initializer_range=0.1,
+        max_position_embeddings=4096,
+    )
+    semvie = SemVIEForCausalLM.from_llm(AutoModelForCausalLM.from_config(config), args.codes)
+    model = SuperResModel(semvie, SuperResConfig(tokens_per_step=8, long_side=16 * args.grid)).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for head in model.extra_heads:
+            head.mlp.down_proj.weight.normal_(0, 0.02, generator=g)
+    return model
+
+
+def random_prompts(model: SuperResModel, args):
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = [], []
+    for row in range(args.batch):
+        low = torch.randint(0, model.vocab.num_codes, (args.grid // 2, args.grid // 2), generator=g)
+        text = torch.randint(0, model.vocab.text_size, (8 + 3 * row,), generator=g).tolist()
+        cond.append(model.prompt_ids(text, low))
+        uncond.append(model.prompt_ids(text[:2], low))
+    return collate(cond, model.vocab), collate(uncond, model.vocab)
+
+
+def speed(model, args) -> None:
+    cond, uncond = random_prompts(model, args)
+    slots = image_slots(args.grid, args.grid, model.vocab, row_end=True)
+    times = {v: [] for v in VARIANTS}
+    results = {}
+    for _ in range(args.rounds):
+        for K, mode in VARIANTS:
+            start = time.perf_counter()
+            results[K, mode] = decode(
+                model, cond["input_ids"], slots, cond["attention_mask"], tokens_per_step=K, mode=mode,
+                uncond_ids=uncond["input_ids"], uncond_attention_mask=uncond["attention_mask"], cfg_scale=1.5,
+            )
+            times[K, mode].append(time.perf_counter() - start)
+    reference = results[1, "exact"][0]
+    base_time = statistics.median(times[1, "exact"])
+    tokens = args.batch * len(slots)
+    print(f"{args.batch} images x {len(slots)} high-res tokens ({args.grid}x{args.grid} codes + row ends), median of {args.rounds} rounds")
+    print("| K | mode | forward passes | fewer passes | tokens/s | wall-clock ratio | mean accepted length | = K=1 greedy |")
+    print("|---|---|---|---|---|---|---|---|")
+    for K, mode in VARIANTS:
+        out, stats = results[K, mode]
+        same = torch.equal(out, reference)
+        if mode == "exact":
+            assert same, f"exact K={K} differs from K=1"
+        t = statistics.median(times[K, mode])
+        passes = results[1, "exact"][1].forward_passes / stats.forward_passes
+        print(
+            f"| {K} | {mode} | {stats.forward_passes} | {passes:.2f}x | {tokens / t:.0f} | {base_time / t:.2f}x | "
+            f"{stats.mean_accepted_length:.2f} | {'yes' if same else 'no'} |"
+        )
+
+
+def trained(args) -> None:
+    from mars_app.cascade import Cascade
+    from mars_data import shapes
+    from mars_data.shapes.scoring import classify_pixels
+
+    cascade = Cascade.from_pretrained(args.base, args.superres)
+    records = shapes.write_prompts(args.prompts_file, args.num, args.seed)
+    prompts = [r["prompt"] for r in records]
+    base = cascade.base.generate(prompts, cfg_scale=1.5, batch_size=args.batch_size, progress=True)
+    low_size = base[0].size
+    renders_low = [shapes.render(r["scene"], *low_size) for r in records]
+    variants = [(K, m) for K, m in VARIANTS if K <= cascade.superres.model.num_heads]
+    times = {v: [] for v in variants}
+    outputs = {}
+    for _ in range(args.rounds):
+        for K, mode in variants:
+            start = time.perf_counter()
+            outputs[K, mode] = cascade.superres.upscale(base, prompts, K, mode, cfg_scale=1.5, batch_size=args.batch_size)
+            times[K, mode].append(time.perf_counter() - start)
+            outputs[K, mode, "renders"] = cascade.superres.upscale(renders_low, prompts, K, mode, cfg_scale=1.5, batch_size=args.batch_size)
+    high_size = outputs[variants[0]][0][0].size
+    renders_high = [classify_pixels(np.asarray(shapes.render(r["scene"], *high_size))) for r in records]
+
+    def palette_match(images) -> float:
+        return float(np.mean([(classify_pixels(np.asarray(im.convert("RGB"))) == gt).mean() for im, gt in zip(images, renders_high)]))
+
+    def scores(images) -> str:
+        summary = shapes.summarize([shapes.score_image(im, r) for im, r in zip(images, records)])
+        return " ".join(f"{lang} {s['single_binding']:.2f}/{s['pair_binding']:.2f}/{s['spatial']:.2f}" for lang, s in sorted(summary.items()) if lang in ("en", "zh"))
+
+    print(f"{len(records)} held-out prompts (seed {args.seed}); base images {low_size}, high-res {high_size}")
+    print(f"base images ({low_size[0]}x{low_size[1]}), single/pair/spatial: {scores(base)}")
+    for name, method in (("nearest", Image.NEAREST), ("bicubic", Image.BICUBIC)):
+        print(f"palette match from {low_size[0]}x{low_size[1]} renders, {name}: {palette_match([im.resize(high_size, method) for im in renders_low]):.4f}")
+    base_time = statistics.median(times[1, "exact"])
+    one = outputs[1, "exact"]
+    print("| K | mode | forward passes | tokens/s | wall-clock ratio | mean accepted length (base images / renders) | single/pair/spatial | palette match |")
+    print("|---|---|---|---|---|---|---|---|")
+    for K, mode in variants:
+        images, stats = outputs[K, mode]
+        t = statistics.median(times[K, mode])
+        if mode == "exact":
+            assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, one[0])), f"exact K={K} differs from K=1"
+        print(
+            f"| {K} | {mode} | {stats.forward_passes} ({one[1].forward_passes / stats.forward_passes:.2f}x fewer) | "
+            f"{stats.tokens / t:.0f} | {base_time / t:.2f}x | {stats.mean_accepted_length:.2f} / "
+            f"{outputs[K, mode, 'renders'][1].mean_accepted_length:.2f} | {scores(images)} | {palette_match(outputs[K, mode, 'renders'][0]):.4f} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--base", help="a MARS checkpoint directory (the base model)")
+    parser.add_argument("--superres", help="a super-resolution checkpoint directory (SuperResModule.export)")
+    parser.add_argument("--num", type=int, default=200, help="held-out prompts (trained models)")
+    parser.add_argument("--seed", type=int, default=4242, help="held-out prompt seed (no training job uses it)")
+    parser.add_argument("--prompts-file", default="superres-heldout.jsonl")
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--codes", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=4, help="images per batch (random model)")
+    parser.add_argument("--grid", type=int, default=16, help="high-res side in codes (random model)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (see the docstring)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if (args.base is None) != (args.superres is None):
+        parser.error("--base and --superres go together")
+    with torch.no_grad():
+        trained(args) if args.base else speed(random_model(args), args)
+
+
+if __name__ == "__main__":
+    main()

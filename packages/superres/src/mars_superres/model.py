@@ -1,0 +1,268 @@
+"""The MARS super-resolution model (stage III): a SemVIE that reads a caption and a low-resolution
+image's codes and writes the high-resolution image's codes, K tokens per step.
+
+Sequence (``mars_semvie.sequences``, stage II layout: rows end with ``<image_row_end>``)::
+
+    [eot] tokens("WxH caption") [eot]  <image_start> low-res codes (R) ... <image_end>
+                                       <image_start> high-res codes (R) ... <image_end>
+    ^ prompt: the requested high-res size written in as in stage II     ^ targets: the high-res span
+
+    uncond = [eot] tokens("WxH") [eot] <low-res image> <image_start> ...   (caption dropped)
+
+Design choices:
+- **A SemVIE started from stage II** (``from_base``): the frozen text LLM, the visual experts,
+  embeddings and vision head of a MARS checkpoint directory (``semvie/``). Low- and high-res
+  codes share the code embedding and the visual experts: they are tokens of the same VQ
+  tokenizer, and the experts already know how to read and write them.
+- **Low- vs high-res tokens: a learned type embedding** (``hires_embedding``, one vector, zero
+  at the start) added to every token of the high-res span, its ``<image_start>`` included.
+  Not new start tokens: the vocabulary (and its padded size) stays the stage II one, so every
+  stage II weight loads unchanged, and a zero vector makes the new model compute exactly what
+  the stage II model computes on the same ids; the span is known from the layout (the second
+  image), so the offset costs one add. Without it, the two grids look alike to the model:
+  both images restart their learned offsets (``image_positions``) at their own
+  ``<image_start>`` and rotary positions are relative.
+- **Image offsets** (``image_positions``): the high-res grid is longer than any stage II grid,
+  so the table is extended to ``config.image_positions`` rows; the stage II rows are kept and
+  the new rows start at zero (no offset information until trained). A base without the
+  table (the paper's model) keeps none.
+- **K heads (next-K-token prediction, arXiv 2404.19737).** Head 1 is SemVIE's own head
+  (text head + vision head, the full multimodal vocabulary): ``tokens_per_step=1`` is plain
+  next-token prediction of the same model. Head k >= 2 predicts the token k - 1 positions
+  after head 1's, from the same final hidden state h, through its own **residual MLP block**
+  ``z_k = h + mlp_k(norm_k(h))`` and the vision head's output projection (shared; its targets
+  are always visual). A residual MLP, not a full transformer block: it reads one position's
+  state only, so decoding needs no per-head KV cache and runs a head only where its draft is
+  read (the last position of a pass). A full block would need its own cache, with rollback,
+  and costs one more layer per head at every position; on the shapes world's 4-layer LLM that
+  bounds K=4 fast decoding at K*L/(L+K-1) = 2.3x, below the 2.5x target. ``mlp_k`` is a
+  copy of the last visual expert FFN (``norm_k`` of the last layer's post-attention norm)
+  with its output projection zeroed: at the start head k predicts what head 1 predicts.
+- **Loss** = sum over heads of ``head_weights[k] * cross-entropy`` on the high-res span
+  (codes, row ends, ``<image_end>``), each head on the positions whose target k tokens
+  on is in the span. One model trained with K_max heads serves every K <= K_max.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mars_core.io import atomic_path, write_json_atomic
+from mars_semvie import SemVIEForCausalLM
+from mars_semvie import sequences as seq
+from mars_semvie.sequences import IGNORE
+
+CONFIG_NAME = "superres_config.json"
+WEIGHTS_NAME = "superres.safetensors"  # the heads and the type embedding; SemVIE's own weights are in semvie/
+SEMVIE_DIR = "semvie"
+FORMAT = "mars-superres"
+
+
+@dataclass
+class SuperResConfig:
+    tokens_per_step: int = 4  # K_max: heads trained (1 = plain next-token prediction)
+    head_weights: list[float] | None = None  # loss weight of each head; None: 1 for every head
+    long_side: int = 1024  # high-res long side in pixels (aspect ratio kept): 1024 in the paper, 128 shapes
+    image_positions: int = 0  # rows of the learned image-offset table (>= high-res tokens + 1); 0: as the base
+    lowres: list[str] = field(default_factory=lambda: ["256x256"])  # "WxH" low-res inputs (the base's sizes)
+
+    def __post_init__(self):
+        if self.tokens_per_step < 1:
+            raise ValueError(f"tokens_per_step must be >= 1, got {self.tokens_per_step}")
+        if self.head_weights is not None:
+            self.head_weights = [float(w) for w in self.head_weights]
+            if len(self.head_weights) != self.tokens_per_step:
+                raise ValueError(f"{len(self.head_weights)} head_weights for {self.tokens_per_step} heads")
+        self.lowres = [str(r) for r in self.lowres]
+
+    @property
+    def weights(self) -> list[float]:
+        return self.head_weights or [1.0] * self.tokens_per_step
+
+
+@dataclass
+class SuperResOutput:
+    loss: torch.Tensor | None = None  # weighted sum over heads
+    head_losses: list[torch.Tensor] | None = None  # per head (unweighted)
+    hidden: torch.Tensor | None = None  # (B, L, hidden) final hidden states
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"96x64"`` -> (96, 64)."""
+    parts = str(text).lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"resolution {text!r} is not WIDTHxHEIGHT in pixels, e.g. 96x64")
+    return int(parts[0]), int(parts[1])
+
+
+def hires_size(width: int, height: int, long_side: int, multiple: int) -> tuple[int, int]:
+    """The high-res (width, height) of a low-res image: long side ``long_side``, aspect ratio kept,
+    the short side rounded to a multiple of the tokenizer's downsampling."""
+    scale = long_side / max(width, height)
+    short = max(multiple, round(min(width, height) * scale / multiple) * multiple)
+    return (long_side, short) if width >= height else (short, long_side)
+
+
+class ResidualHead(nn.Module):
+    """Head k >= 2 before the shared output projection: z = h + mlp(norm(h))."""
+
+    def __init__(self, norm: nn.Module, mlp: nn.Module):
+        super().__init__()
+        self.norm = copy.deepcopy(norm)
+        self.mlp = copy.deepcopy(mlp)
+        with torch.no_grad():  # zero output: the head starts as a copy of head 1
+            self.mlp.down_proj.weight.zero_()
+            if self.mlp.down_proj.bias is not None:
+                self.mlp.down_proj.bias.zero_()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.mlp(self.norm(h))
+
+
+class SuperResModel(nn.Module):
+    """SemVIE + high-res type embedding + K-1 extra heads; see the module docstring."""
+
+    def __init__(self, semvie: SemVIEForCausalLM, config: SuperResConfig):
+        super().__init__()
+        self.semvie = semvie
+        self.config = config
+        self.vocab = semvie.vocab
+        ref = semvie.vision_head.weight
+        hidden = semvie.llm.config.hidden_size
+        self.hires_embedding = nn.Parameter(torch.zeros(hidden, dtype=ref.dtype, device=ref.device))
+        last = semvie.experts[-1] if semvie.experts is not None else semvie.llm.model.layers[-1]
+        norm = semvie.llm.model.layers[-1].post_attention_layernorm
+        self.extra_heads = nn.ModuleList(ResidualHead(norm, last.mlp) for _ in range(config.tokens_per_step - 1))
+        self.extra_heads.requires_grad_(True)
+        self._grow_image_positions(config.image_positions)
+
+    def _grow_image_positions(self, rows: int) -> None:
+        table = self.semvie.image_position
+        if table is None and rows:
+            raise ValueError(f"image_positions={rows}, but the base SemVIE has no learned image offsets: set image_positions=0")
+        if table is None or rows <= table.num_embeddings:
+            return
+        grown = nn.Embedding(rows, table.embedding_dim, device=table.weight.device, dtype=table.weight.dtype)
+        with torch.no_grad():
+            grown.weight.zero_()
+            grown.weight[: table.num_embeddings] = table.weight
+        grown.weight.requires_grad_(table.weight.requires_grad)
+        self.semvie.image_position = grown
+        self.semvie.config.image_positions = rows
+
+    @classmethod
+    def from_base(cls, base_path: str | Path, config: SuperResConfig, llm_path: str | None = None) -> SuperResModel:
+        """Start from a MARS checkpoint directory (its ``semvie/``: frozen LLM, visual experts)."""
+        semvie_dir = Path(base_path) / SEMVIE_DIR
+        if not semvie_dir.is_dir():
+            raise FileNotFoundError(f"base_path={base_path} is not a MARS checkpoint directory: no {SEMVIE_DIR}/")
+        return cls(SemVIEForCausalLM.from_pretrained(semvie_dir, llm_path=llm_path), config)
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.tokens_per_step
+
+    # ----------------------------------------------------------------------------- layout
+    def prompt_ids(self, text_ids: list[int], lowres_codes: torch.Tensor) -> list[int]:
+        """``[prompt text ids] <low-res image> <image_start>``: what decoding feeds."""
+        return seq.t2i_prompt_ids([*text_ids, *seq.caption_prompt_ids(lowres_codes, self.vocab, row_end=True)], self.vocab)
+
+    def build(self, text_ids: list[int], lowres_codes: torch.Tensor, hires_codes: torch.Tensor) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) of a training sequence; labels on the high-res image tokens only."""
+        context = [*text_ids, *seq.caption_prompt_ids(lowres_codes, self.vocab, row_end=True)]
+        ids, labels = seq.build_t2i(context, hires_codes, self.vocab, row_end=True)
+        return ids, labels
+
+    def hires_span(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) True from the second ``<image_start>`` of a sequence on: the high-res image."""
+        return (input_ids == self.vocab.image_start).long().cumsum(1) >= 2
+
+    # ---------------------------------------------------------------------------- forward
+    def hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None, hires=None) -> torch.Tensor:
+        """Final hidden states (B, L, hidden); ``hires`` (B, L) marks high-res tokens (default:
+        from the layout; decoding passes it, since its new tokens follow a cached prompt)."""
+        hires = self.hires_span(input_ids) if hires is None else hires
+        offset = hires.unsqueeze(-1).to(self.hires_embedding.dtype) * self.hires_embedding
+        out = self.semvie(
+            input_ids, attention_mask, position_ids, cache=cache, return_logits=False,
+            embedding_offset=offset, return_hidden=True,
+        )
+        return out.hidden
+
+    def visual_logits(self, h: torch.Tensor, heads: int) -> torch.Tensor:
+        """Logits of the first ``heads`` heads over the visual rows of the vocabulary
+        (``vocab.visual_size``; id = text_size + index): (..., heads, visual_size).
+
+        Head 1 here is the vision head alone: restricted to visual ids (what an image slot may
+        draw) its distribution is exactly that of the full multimodal softmax."""
+        if not 1 <= heads <= self.num_heads:
+            raise ValueError(f"tokens_per_step={heads}: this model has heads 1..{self.num_heads}")
+        states = [h] + [head(h) for head in self.extra_heads[: heads - 1]]
+        return self.semvie.vision_head(torch.stack(states, dim=-2))
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, heads: int | None = None) -> SuperResOutput:
+        """Training: the next-K-token loss on the labelled (high-res) positions.
+
+        Head 1 at position t predicts labels[t+1] over the whole multimodal vocabulary (SemVIE's
+        own head: the plain next-token loss); head k predicts labels[t+k] over the visual rows."""
+        heads = heads or self.num_heads
+        h = self.hidden(input_ids, attention_mask, position_ids)
+        if labels is None:
+            return SuperResOutput(hidden=h)
+        labels = labels.to(h.device)
+        real = attention_mask.to(h.device).bool() if attention_mask is not None else torch.ones_like(labels, dtype=torch.bool)
+        T = self.vocab.text_size
+        losses = []
+        for k in range(1, heads + 1):
+            targets = labels[:, k:]
+            selected = (targets != IGNORE) & real[:, : labels.shape[1] - k]
+            states = h[:, :-k][selected]
+            if k == 1:
+                logits = self.semvie._heads(states)  # SemVIE's own head: exactly its next-token loss
+                goal = targets[selected]
+            else:
+                logits = self.semvie.vision_head(self.extra_heads[k - 2](states))
+                goal = targets[selected] - T
+                if bool((goal < 0).any()):
+                    raise ValueError("next-K-token targets must be visual tokens (the high-res span)")
+            losses.append(F.cross_entropy(logits.float(), goal))
+        weights = self.config.weights[:heads]
+        loss = sum(w * l for w, l in zip(weights, losses))
+        return SuperResOutput(loss=loss, head_losses=losses, hidden=h)
+
+    # ------------------------------------------------------------------------ save / load
+    def save_pretrained(self, directory: str | Path, llm_path: str | None = None) -> Path:
+        """``superres_config.json``, ``superres.safetensors`` (heads, type embedding) and
+        ``semvie/`` (SemVIEForCausalLM.save_pretrained: the LLM referenced by its path)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.semvie.save_pretrained(directory / SEMVIE_DIR, llm_path=llm_path)
+        own = {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith("semvie.")}
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_file(own, tmp, metadata={"format": FORMAT})
+        write_json_atomic(directory / CONFIG_NAME, {"format": FORMAT, **asdict(self.config)})
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, llm_path: str | None = None) -> SuperResModel:
+        directory = Path(directory)
+        missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME, SEMVIE_DIR) if not (directory / n).exists()]
+        if missing:
+            raise FileNotFoundError(f"{directory} is not a super-resolution checkpoint: missing {', '.join(missing)}")
+        meta = json.loads((directory / CONFIG_NAME).read_text())
+        if meta.pop("format", None) != FORMAT:
+            raise ValueError(f"{directory / CONFIG_NAME} is not a {FORMAT} config")
+        model = cls(SemVIEForCausalLM.from_pretrained(directory / SEMVIE_DIR, llm_path=llm_path), SuperResConfig(**meta))
+        missing, unexpected = model.load_state_dict(load_file(directory / WEIGHTS_NAME), strict=False)
+        missing = [k for k in missing if not k.startswith("semvie.")]
+        if missing or unexpected:
+            raise RuntimeError(f"{directory / WEIGHTS_NAME}: missing {missing}, unexpected {unexpected}")
+        return model

@@ -1,0 +1,151 @@
+"""MARS stage III training: the super-resolution model with next-K-token prediction (Lightning).
+
+``SuperResModule`` starts from a stage II MARS checkpoint directory (``base_path``: ``semvie/``,
+``tokenizer/``, ``text_tokenizer/``, ``mars.json`` as ``mars_app.pipeline.MarsPipeline``
+writes it; read here by its layout, without importing the application), builds
+``SuperResModel`` around its SemVIE and trains on triplet batches (``data=superres_triplets``:
+``batch["codes"]`` high-res, ``batch["lowres_codes"]``, ``batch["caption"]``).
+
+Design choices:
+- **Sequences** from ``SuperResModel.build`` (``mars_semvie.sequences``): the high-res size
+  (its code grid times the tokenizer's downsampling) written into the prompt as in stage II;
+  the caption is dropped to the unconditional prompt with probability ``uncond_prob`` (the
+  low-res image stays: guidance then amplifies the caption), drawn from a generator seeded by
+  (seed, step, rank) so a resumed run repeats the draws.
+- **Optimizer**: AdamW (``optimizer``, partial) over the trainable weights only (visual
+  experts, embeddings, vision head, K-1 heads, type embedding); no weight decay on norms,
+  biases and embeddings. Schedule: ``mars_core.schedule.warmup_cosine_scheduler``.
+- **No EMA** here: the paper reports none for stage III, and ZeRO-3 (its strategy) shards
+  the weights.
+- **Export** (``export_dir``, at the end of training): ``SuperResModel.save_pretrained``
+  (``superres_config.json`` with K_max, long side and low-res sizes; ``superres.safetensors``;
+  ``semvie/``) plus the base's ``tokenizer/`` and ``text_tokenizer/``, so the directory alone
+  runs the cascade's second step.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import lightning as L
+import torch
+
+from mars_core.schedule import warmup_cosine_scheduler
+from mars_semvie import sequences as seq
+from mars_superres.model import SuperResConfig, SuperResModel
+
+TOKENIZER_DIR, TEXT_TOKENIZER_DIR, BASE_CONFIG = "tokenizer", "text_tokenizer", "mars.json"
+
+
+def read_base(base_path: str | Path) -> dict:
+    """The base checkpoint's ``mars.json``, after checking the directory's layout."""
+    base = Path(base_path)
+    missing = [n for n in (BASE_CONFIG, "semvie", TOKENIZER_DIR, TEXT_TOKENIZER_DIR) if not (base / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"base_path={base} is not a MARS checkpoint directory: missing {', '.join(missing)}")
+    return json.loads((base / BASE_CONFIG).read_text())
+
+
+class SuperResModule(L.LightningModule):
+    def __init__(
+        self,
+        base_path: str,  # a stage II MARS checkpoint directory (MarsPipeline.save_pretrained)
+        optimizer: Callable[..., torch.optim.Optimizer],  # partial: param groups -> optimizer
+        tokens_per_step: int = 4,  # K_max: heads trained
+        head_weights: list[float] | None = None,  # loss weight per head; None: all 1
+        long_side: int = 1024,  # high-res long side in pixels
+        image_positions: int = 0,  # learned image-offset rows (>= high-res tokens + 1); 0: as the base
+        uncond_prob: float = 0.1,
+        gradient_checkpointing: bool = False,
+        warmup_ratio: float = 0.01,
+        min_lr_ratio: float = 0.1,
+        llm_path: str | None = None,  # where the frozen LLM is, if it moved since the base was saved
+        export_dir: str | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        from transformers import AutoTokenizer
+
+        from mars_tokenizer import VQTokenizer
+
+        base = read_base(base_path)
+        self.base_path = Path(base_path)
+        config = SuperResConfig(tokens_per_step, head_weights, long_side, image_positions, list(base["resolutions"]))
+        self.model = SuperResModel.from_base(base_path, config, llm_path=llm_path)
+        self.model.semvie.gradient_checkpointing_enable(gradient_checkpointing)
+        self.text_tokenizer = AutoTokenizer.from_pretrained(self.base_path / TEXT_TOKENIZER_DIR)
+        # only its downsampling factor is needed while training (the shards hold codes)
+        self.downsample = VQTokenizer.from_pretrained(self.base_path / TOKENIZER_DIR).downsample
+        self.vocab = self.model.vocab
+        self.uncond_prob = uncond_prob
+        self.optimizer = optimizer
+        self.warmup_ratio = warmup_ratio
+        self.min_lr_ratio = min_lr_ratio
+        self.llm_path = llm_path
+        self.export_dir = export_dir
+        self.seed = seed
+        self._prompts: dict[tuple, list[int]] = {}
+
+    def _prompt(self, caption: str, size: tuple[int, int]) -> list[int]:
+        key = (caption, size)
+        if key not in self._prompts:
+            self._prompts[key] = seq.encode_prompt(self.text_tokenizer, caption, size)
+        return self._prompts[key]
+
+    def sequences(self, batch: dict, rng: random.Random) -> dict[str, torch.Tensor]:
+        """The left-padded training batch of a triplet batch."""
+        if "lowres_codes" not in batch or "codes" not in batch:
+            raise KeyError("super-resolution batches need codes and lowres_codes (data=superres_triplets)")
+        ids, labels = [], []
+        for high, low, caption in zip(batch["codes"].cpu(), batch["lowres_codes"].cpu(), batch["caption"]):
+            size = (high.shape[1] * self.downsample, high.shape[0] * self.downsample)  # (width, height)
+            text = "" if rng.random() < self.uncond_prob else caption
+            x, y = self.model.build(self._prompt(text, size), low, high)
+            ids.append(x)
+            labels.append(y)
+        out = seq.collate(ids, self.vocab, labels)
+        return {k: v.to(self.device) for k, v in out.items()}
+
+    def training_step(self, batch, batch_idx):
+        rng = random.Random(f"{self.seed}/{self.global_step}/{self.global_rank}")
+        out = self.model(**self.sequences(batch, rng))
+        size = len(batch["caption"])
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=size)
+        for k, loss in enumerate(out.head_losses, start=1):
+            self.log(f"train/loss_head{k}", loss, batch_size=size)
+        return out.loss
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.dim() < 2 or "embed" in name or "norm" in name or "image_position" in name else decay).append(p)
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = self.optimizer([g for g in groups if g["params"]])
+        schedule = warmup_cosine_scheduler(optimizer, self.trainer, warmup_ratio=self.warmup_ratio, min_lr_ratio=self.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+    def on_train_end(self) -> None:
+        if self.export_dir:
+            self.export(self.export_dir)
+
+    def export(self, path: str | Path) -> Path:
+        """The super-resolution checkpoint directory (module docstring)."""
+        path = Path(path)
+        writer = self._trainer is None or self._trainer.is_global_zero  # also exported outside a fit
+        if any(hasattr(p, "ds_id") for p in self.model.parameters()):  # ZeRO-3: every rank gathers the shards
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
+                if writer:
+                    self.model.save_pretrained(path, llm_path=self.llm_path)
+        elif writer:
+            self.model.save_pretrained(path, llm_path=self.llm_path)
+        if writer:
+            for name in (TOKENIZER_DIR, TEXT_TOKENIZER_DIR):
+                shutil.copytree(self.base_path / name, path / name, dirs_exist_ok=True)
+        return path

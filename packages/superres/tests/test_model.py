@@ -1,0 +1,126 @@
+"""The super-resolution model: layout, next-K-token loss, heads, save / load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.testing import assert_close
+
+from mars_semvie import sequences as seq
+from mars_superres import SuperResConfig, SuperResModel, hires_size
+from mars_superres.model import WEIGHTS_NAME
+
+
+def batch(model: SuperResModel, rows: int = 3, low=(2, 2), high=(3, 4), seed: int = 0) -> dict:
+    """Left-padded training sequences: random prompts of different lengths, random code grids."""
+    g = torch.Generator().manual_seed(seed)
+    codes = model.vocab.num_codes
+    ids, labels = [], []
+    for row in range(rows):
+        text = torch.randint(0, model.vocab.text_size, (3 + row,), generator=g).tolist()
+        x, y = model.build(text, torch.randint(0, codes, low, generator=g), torch.randint(0, codes, high, generator=g))
+        ids.append(x)
+        labels.append(y)
+    return seq.collate(ids, model.vocab, labels)
+
+
+def test_layout_labels_only_the_hires_image_and_marks_its_span(build_tiny_superres):
+    model = build_tiny_superres()
+    v = model.vocab
+    ids, labels = model.build([5, 6], torch.tensor([[0, 1]]), torch.tensor([[2, 3], [4, 5]]))
+    R, S, E = v.image_row_end, v.image_start, v.image_end
+    c = v.codes_to_ids
+    assert ids == [5, 6, S, c(0), c(1), R, E, S, c(2), c(3), R, c(4), c(5), R, E]
+    assert labels == [-100] * 8 + ids[8:]
+    span = model.hires_span(torch.tensor([ids]))[0].tolist()
+    assert span == [False] * 7 + [True] * 8
+    assert model.prompt_ids([5, 6], torch.tensor([[0, 1]])) == ids[:8]
+
+
+def test_one_head_is_plain_next_token_training_of_the_same_model(build_tiny_superres):
+    """K=1: loss and gradients equal SemVIE's own next-token loss on the same sequences."""
+    model = build_tiny_superres(tokens_per_step=1).train()
+    b = batch(model)
+    out = model(**b)
+    offset = model.hires_span(b["input_ids"]).unsqueeze(-1).float() * model.hires_embedding
+    plain = model.semvie(b["input_ids"], b["attention_mask"], b["position_ids"], b["labels"], return_logits=False, embedding_offset=offset)
+    assert_close(out.loss, plain.loss)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grads_k = torch.autograd.grad(out.loss, trainable, allow_unused=True)
+    grads_plain = torch.autograd.grad(plain.loss, trainable, allow_unused=True)
+    for a, b_ in zip(grads_k, grads_plain):
+        if a is None or b_ is None:
+            assert a is None and b_ is None
+        else:
+            assert_close(a, b_)
+    # a model with more heads, trained with one, computes the same loss
+    more = build_tiny_superres(tokens_per_step=4).train()
+    assert_close(more(**batch(more), heads=1).loss, model(**batch(model)).loss)
+
+
+def test_heads_predict_further_tokens_and_losses_add_up(build_tiny_superres):
+    model = build_tiny_superres(tokens_per_step=3, head_weights=[1.0, 0.5, 0.25]).train()
+    b = batch(model)
+    out = model(**b)
+    assert len(out.head_losses) == 3
+    assert_close(out.loss, out.head_losses[0] + 0.5 * out.head_losses[1] + 0.25 * out.head_losses[2])
+    # head 2's loss is the cross-entropy of its logits against the labels two positions on
+    h = out.hidden
+    logits = model.visual_logits(h, 2)[:, :, 1]  # (B, L, visual)
+    targets = b["labels"][:, 2:]
+    mask = targets != -100
+    expected = torch.nn.functional.cross_entropy(logits[:, :-2][mask], targets[mask] - model.vocab.text_size)
+    assert_close(out.head_losses[1], expected)
+    out.loss.backward()
+    assert model.extra_heads[1].mlp.down_proj.weight.grad.abs().sum() > 0
+    assert model.hires_embedding.grad.abs().sum() > 0
+
+
+def test_a_new_model_computes_what_the_base_does(build_tiny_superres):
+    """Zero type embedding and zeroed head outputs: the stage II model's logits, every head alike."""
+    model = build_tiny_superres(tokens_per_step=3, image_positions=32, trained=False)
+    b = batch(model)
+    h = model(b["input_ids"], b["attention_mask"], b["position_ids"]).hidden
+    base = model.semvie(b["input_ids"], b["attention_mask"], b["position_ids"]).logits
+    logits = model.visual_logits(h, 3)
+    assert_close(logits[..., 0, :], base[..., model.vocab.text_size :])
+    assert_close(logits[..., 2, :], logits[..., 0, :])
+
+
+def test_image_offsets_grow_keeping_the_base_rows(build_tiny_semvie, perturb_weights):
+    semvie = build_tiny_semvie(image_positions=8)
+    perturb_weights(semvie)
+    base_rows = semvie.image_position.weight.detach().clone()
+    model = SuperResModel(semvie, SuperResConfig(tokens_per_step=2, image_positions=20))
+    table = model.semvie.image_position.weight
+    assert table.shape[0] == 20 and table.requires_grad
+    assert_close(table[:8], base_rows)
+    assert not table[8:].any()
+    with pytest.raises(ValueError, match="no learned image offsets"):
+        SuperResModel(build_tiny_semvie(image_positions=0), SuperResConfig(image_positions=20))
+
+
+def test_checkpoint_saves_and_loads(build_tiny_superres, tmp_path):
+    model = build_tiny_superres(tokens_per_step=4, image_positions=40, long_side=32, lowres=["16x16"])
+    model.save_pretrained(tmp_path / "sr", llm_path=None)
+    weights = load_file(tmp_path / "sr" / WEIGHTS_NAME)
+    assert set(weights) == {"hires_embedding", *(f"extra_heads.{i}.{n}" for i in range(3) for n in ("norm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"))}
+    config = json.loads((tmp_path / "sr" / "superres_config.json").read_text())
+    assert config["tokens_per_step"] == 4 and config["long_side"] == 32 and config["lowres"] == ["16x16"]
+    loaded = SuperResModel.from_pretrained(tmp_path / "sr")
+    assert loaded.semvie.config.image_positions == 40
+    b = batch(model)
+    assert_close(loaded(**b).loss, model(**b).loss)
+    with pytest.raises(FileNotFoundError, match="not a super-resolution checkpoint"):
+        SuperResModel.from_pretrained(tmp_path)
+
+
+def test_hires_size_keeps_the_aspect_ratio_on_the_code_grid():
+    assert hires_size(64, 64, 128, 16) == (128, 128)
+    assert hires_size(96, 64, 128, 16) == (128, 80)
+    assert hires_size(256, 384, 1024, 16) == (688, 1024)
+    with pytest.raises(ValueError, match="head_weights"):
+        SuperResConfig(tokens_per_step=2, head_weights=[1.0])
