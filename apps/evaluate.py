@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import hydra
@@ -34,27 +33,22 @@ from PIL import Image
 from mars_app.cli import run_app
 from mars_app.evaluation.tasks import TASKS as BENCHMARK_TASKS
 from mars_app.evaluation.tasks import evaluate_benchmark
+from mars_core.io import write_text_atomic
+from mars_data.images import ImageError, load_image
 from mars_data.shapes import METRICS, read_prompts, score_image, summarize
 
 log = logging.getLogger(__name__)
 
 
-def load_image(path: Path) -> Image.Image | None:
-    """The image at ``path``, or None when it is missing or cannot be decoded."""
+def read_image(path: Path) -> Image.Image | None:
+    """The image at ``path``, or None when it is missing, unreadable or oversized (counted wrong)."""
     if not path.is_file():
         return None
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except OSError as error:
-        log.warning("cannot read %s (%s): counted as wrong", path, error)
+        return load_image(path)
+    except ImageError as error:
+        log.warning("%s: counted as wrong", error)
         return None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def format_summary(summary: dict) -> str:
@@ -89,7 +83,7 @@ def evaluate_captions(cfg: DictConfig) -> dict:
     summary = {lang: {"accuracy": sum(h) / len(h) if h else None, "count": len(h)} for lang, h in hits.items()}
     out = Path(cfg.out) if cfg.get("out") else path.parent
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "caption_summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "caption_summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"caption evaluation of {len(rows)} captions in {path} against the scenes of {cfg.prompts}")
     for lang, values in summary.items():
         accuracy = "-" if values["accuracy"] is None else f"{values['accuracy']:.3f}"
@@ -117,14 +111,14 @@ def evaluate(cfg: DictConfig) -> dict:
     results = []
     for index, record in enumerate(records):
         name = cfg.image_name.format(index=index)
-        result = score_image(load_image(images / name), record)
+        result = score_image(read_image(images / name), record)
         results.append({"index": index, "image": name, "prompt": record["prompt"], **result})
     summary = summarize(results)
 
     out = Path(cfg.out) if cfg.get("out") else images
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "eval_summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    write_atomic(
+    write_text_atomic(out / "eval_summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(
         out / "eval_results.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     )
     print(f"shapes evaluation of {len(records)} prompts in {cfg.prompts} against {images}")

@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 from pathlib import Path
 
+from mars_core.io import write_text_atomic
 from mars_data.shapes import restatement, sample_record
 from mars_semvie.sequences import prompt_text
 from mars_semvie.text import ENDOFTEXT
@@ -48,11 +48,7 @@ def write_corpus(out: str | Path, num: int, seed: int, resolutions: list[tuple[i
         record = sample_record(rng, langs=(("en", "zh")[(i // 2) % 2],), num_objects=1 + i % 2)
         resolution = rng.choice(resolutions) if resolutions and rng.random() < resolution_share else None
         rows.append({"prompt": corpus_text(record, resolution)})
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, out)
+    write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,13 +22,12 @@ import multiprocessing
 import os
 import random
 import tarfile
-import time
 from functools import partial
 from pathlib import Path
 
 from tqdm import tqdm
 
-from mars_core.io import atomic_path
+from mars_core.io import atomic_path, write_text_atomic
 from mars_data.shapes.captions import LANGS, write_caption
 from mars_data.shapes.world import render, sample_scene
 from mars_data.tars import write_manifest
@@ -177,11 +176,7 @@ def write_prompts(out: str | Path, num: int, seed: int) -> list[dict]:
     records = [
         sample_record(rng, langs=(("en", "zh")[(i // 2) % 2],), num_objects=1 + i % 2) for i in range(num)
     ]
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".{time.time_ns()}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, out)
+    write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return records
 
 
