@@ -1,6 +1,7 @@
 """Peak host memory of building MARS around a mid-size LLM and taking one training step.
 
     python benchmarks/loading_memory.py [--hidden 896 --layers 24 --batch 2]
+    python benchmarks/loading_memory.py --ranks 2 [--before /path/to/an/older/checkout]
 
 A random Qwen2 of Qwen2-0.5B's shape (hidden 896, 24 layers, 151,936-entry vocabulary) is
 saved in bf16 with the real Qwen tokenizer, beside an f16 VQ tokenizer with 8,192 codes. Each
@@ -13,16 +14,26 @@ the step. The settings, side by side in one run:
   before ``llm_dtype`` / ``loss_chunk``);
 - after: the LLM loaded in bfloat16 (the precision DeepSpeed trains in) and the loss in chunks
   of 1,024 target positions.
+
+With ``--ranks 2`` the same checkpoints train one step of ``experiment=stage1`` under DeepSpeed
+ZeRO-3 with two CPU processes (fp32), through ``apps/train.py``; each rank reports its peak
+resident memory once the model is built and DeepSpeed has set up (``PeakMemory``), and after
+the step (a rank killed for memory is reported as such). ``--before DIR`` runs the same command
+with the code of another checkout first, side by side in one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
 
 SETTINGS = {"before": ("float32", 0), "after": ("bfloat16", 1024)}
 
@@ -66,14 +77,78 @@ def make_checkpoints(root: Path, hidden: int, layers: int) -> tuple[Path, Path]:
     return root / "llm", root / "vq"
 
 
+class PeakMemory(Callback):
+    """Each rank prints its peak resident memory (GB) when training starts (model built,
+    DeepSpeed set up) and when it ends."""
+
+    @staticmethod
+    def _report(trainer, when: str) -> None:
+        print(f"PEAK rank {trainer.global_rank} {when} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}", flush=True)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._report(trainer, "built")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._report(trainer, "step")
+
+
+def train_two_ranks(repo: Path, python: str, llm: Path, vq: Path, shards: Path, out: Path) -> dict:
+    command = [
+        python, str(repo / "apps" / "train.py"), "experiment=stage1", "trainer=deepspeed_zero3", "trainer.accelerator=cpu",
+        "trainer.devices=2", "trainer.precision=32-true", f"model.llm_path={llm}", f"model.tokenizer_path={vq}",
+        f"data.train_shards={shards}", "data.batch_size=1", "data.num_workers=0", "data.resampled=true",
+        "data.samples_per_epoch=8", "trainer.max_steps=1", "model.export_dir=null", "logger=csv",
+        "+callbacks.memory._target_=benchmarks.loading_memory.PeakMemory", f"hydra.run.dir={out}",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    peaks = {}
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.startswith("PEAK rank"):
+            _, _, rank, when, gb = line.split()
+            peaks[f"rank {rank} {when}"] = float(gb)
+    if proc.returncode and not peaks:
+        raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-3000:])
+    if proc.returncode:  # built, then failed (e.g. a rank killed for memory): say so
+        peaks["failed after building"] = proc.stderr.strip().splitlines()[-1][:200]
+    return peaks
+
+
+def write_codes_shard(directory: Path) -> Path:
+    import numpy as np
+
+    from mars_data.tars import npy_member, write_samples
+
+    rng = np.random.default_rng(0)
+    samples = {}
+    for i in range(8):
+        _, codes = npy_member("codes.npy", rng.integers(0, 8192, (16, 16), dtype=np.int16))
+        samples[f"{i:09d}"] = {"txt": b"a photo of a red car parked on a street", "codes.npy": codes}
+    write_samples(directory / "000000.tar", samples)
+    return directory
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hidden", type=int, default=896)
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--ranks", type=int, default=1, choices=(1, 2))
+    parser.add_argument("--before", type=Path, help="with --ranks 2: a checkout whose code is the 'before'")
+    parser.add_argument("--before-python", default=sys.executable)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         llm, vq = make_checkpoints(Path(tmp), args.hidden, args.layers)
+        if args.ranks == 2:
+            shards = write_codes_shard(Path(tmp) / "codes")
+            runs = {"after": (Path(__file__).resolve().parents[1], sys.executable)}
+            if args.before:
+                runs = {"before": (args.before, args.before_python), **runs}
+            for name, (repo, python) in runs.items():
+                peaks = train_two_ranks(repo, python, llm, vq, shards, Path(tmp) / name)
+                print(f"{name:6s} ({repo}): " + ", ".join(f"{k} {v:.2f} GB" if isinstance(v, float) else f"{k}: {v}"
+                                                          for k, v in sorted(peaks.items())), flush=True)
+            return
         results = {}
         for name, (dtype, chunk) in SETTINGS.items():
             proc = subprocess.run([sys.executable, "-c", STEP, str(llm), str(vq), dtype, str(chunk), str(args.batch)],
