@@ -80,9 +80,10 @@ def check_out(cfg: DictConfig) -> None:
         if out.exists() and not cfg.overwrite:
             raise FileExistsError(f"out={out} exists: pass overwrite=true to replace it, or choose another file")
         return
-    if out.is_dir() and any(out.iterdir()):
+    # earlier results are images; a run's own logs (.hydra with hydra.run.dir=out) are not
+    if out.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in out.iterdir()):
         if not cfg.overwrite:
-            raise FileExistsError(f"out={out} is not empty: pass overwrite=true to replace its images, or choose another directory")
+            raise FileExistsError(f"out={out} holds images: pass overwrite=true to replace them, or choose another directory")
         for path in out.iterdir():
             if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
                 path.unlink()

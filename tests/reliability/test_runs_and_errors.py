@@ -49,6 +49,16 @@ def test_generate_refuses_a_non_empty_out_and_overwrite_leaves_no_stale_image(ma
     assert sorted(p.name for p in out.iterdir()) == ["00000.png"]
 
 
+def test_generate_into_its_own_run_directory(make_cfg, ckpt, tmp_path):
+    """hydra.run.dir=out (as apps/demo.py runs it): Hydra's own logs there are not earlier results."""
+    out = tmp_path / "out"
+    (out / ".hydra").mkdir(parents=True)
+    (out / ".hydra" / "config.yaml").write_text("task: t2i\n")
+    (out / "generate.log").write_text("")
+    generate(make_cfg([f"ckpt={ckpt}", "prompt=a red circle", f"out={out}"], config_name="generate"))
+    assert (out / "00000.png").is_file()
+
+
 def test_option_types_are_checked_before_the_model_loads(make_cfg, tmp_path):
     # ckpt does not exist: the option error comes first, so nothing was loaded
     for option in ("cfg_scale=abc", "top_k=1.5", "kv_cache=maybe"):
