@@ -58,8 +58,8 @@ def test_tokenizer_run_killed_five_times_ends_like_an_uninterrupted_one(tmp_path
 
 LM = [
     "experiment=shapes_lm",
-    "data.make_missing.0.python.4=160",  # 10 batches an epoch: the drill crosses an epoch end
-    "data.make_missing.1.python.4=32",
+    "data.make_missing.0.python.3=160",  # 10 batches an epoch: the drill crosses an epoch end
+    "data.make_missing.1.python.3=32",
     "data.batch_size=16",
     "trainer.val_check_interval=10",
     "trainer.limit_val_batches=0",
