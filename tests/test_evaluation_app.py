@@ -18,8 +18,8 @@ from PIL import Image
 from apps.evaluate import evaluate
 from apps.generate import generate
 from mars_app.evaluation.inception import FIDInceptionV3
-from mars_app.evaluation.protocol import sha256_file
 from mars_app.pipeline import MarsPipeline
+from mars_core.io import sha256_file
 from tests.conftest import ROOT
 from tests.test_evaluation import random_images, save_tiny_blip, save_tiny_clip
 from tests.test_generate import tiny_pipeline

@@ -14,7 +14,6 @@ Design choices:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Iterable, Iterator
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from mars_core.io import write_json_atomic
+from mars_core.io import sha256_file, write_json_atomic
 from mars_data.images import ImageError, load_image
 
 log = logging.getLogger(__name__)
@@ -43,14 +42,6 @@ def require_path(option: str, value: str | Path | None, directory: bool = False)
     if not directory and not path.is_file():
         raise FileNotFoundError(f"{option}={path}: no such file (see {DOCS} for where to get it)")
     return path
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def weights_record(path: Path) -> dict:
