@@ -88,13 +88,8 @@ class SuperResModule(L.LightningModule):
         self.llm_path = llm_path
         self.export_dir = export_dir
         self.seed = seed
-        self._prompts: dict[tuple, list[int]] = {}
-
-    def _prompt(self, caption: str, size: tuple[int, int]) -> list[int]:
-        key = (caption, size)
-        if key not in self._prompts:
-            self._prompts[key] = seq.encode_prompt(self.text_tokenizer, caption, size)
-        return self._prompts[key]
+        # prompt ids (the high-res size written in) from the stage I/II builder's bounded cache
+        self.prompts = seq.SequenceBuilder(self.text_tokenizer, self.vocab, self.downsample, resolution_in_prompt=True)
 
     def sequences(self, batch: dict, rng: random.Random) -> dict[str, torch.Tensor]:
         """The left-padded training batch of a triplet batch."""
@@ -104,7 +99,7 @@ class SuperResModule(L.LightningModule):
         for high, low, caption in zip(batch["codes"].cpu(), batch["lowres_codes"].cpu(), batch["caption"]):
             size = (high.shape[1] * self.downsample, high.shape[0] * self.downsample)  # (width, height)
             text = "" if rng.random() < self.uncond_prob else caption
-            x, y = self.model.build(self._prompt(text, size), low, high)
+            x, y = self.model.build(self.prompts.prompt_ids(text, size), low, high)
             ids.append(x)
             labels.append(y)
         out = seq.collate(ids, self.vocab, labels)
