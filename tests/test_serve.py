@@ -18,7 +18,7 @@ from PIL import Image
 
 from apps.serve import serve
 from mars_app.pipeline import MarsPipeline
-from mars_app.serve import nearest_resolution
+from mars_app.serve import build_app, launch, nearest_resolution
 from tests.conftest import compose_config
 from tests.test_generate import tiny_pipeline
 
@@ -113,23 +113,39 @@ def test_the_progress_bar_counts_the_images(client):
     assert progress and all(desc == "generating" and length == 3 for desc, _, length in progress)
 
 
-def test_requests_wait_for_the_one_model(client, pipeline, tmp_path):
-    """A caption sent while a drawing runs starts only after it (run side by side, it would end first)."""
-    pipeline.generate(EN)[0].save(tmp_path / "image.png")
-    drawing = client.submit(EN, "64x64", 2.0, 1.0, 20, 0.9, 0, 3, api_name="/draw")
-    running = (Status.PROCESSING, Status.PROGRESS)
-    while drawing.status().code not in running:
-        assert not drawing.done()
-        time.sleep(0.005)
-    captioning = client.submit(handle_file(str(tmp_path / "image.png")), api_name="/caption")
-    seen = []
-    while not captioning.done():
-        caption_code = captioning.status().code  # read first: if the drawing still runs after, both ran at once
-        seen.append((caption_code, drawing.status().code))
-        time.sleep(0.005)
-    assert any(c == Status.IN_QUEUE and d in running for c, d in seen)
-    assert not [(c, d) for c, d in seen if c in (*running, Status.FINISHED) and d in running]
-    assert drawing.result() and captioning.result()
+def test_requests_wait_for_the_one_model(stage2_ckpt, pipeline, tmp_path):
+    """A caption sent while a drawing runs starts only after it (run side by side, it would end first).
+
+    The order is read on the server: the served pipeline notes when each model call starts and ends
+    (the client's status of two jobs can lag one another, so it cannot tell)."""
+    served = MarsPipeline.from_pretrained(stage2_ckpt)
+    calls = []
+
+    def noted(name, method):
+        def call(*args, **kwargs):
+            start = time.monotonic()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                calls.append((name, start, time.monotonic()))
+        return call
+
+    served.generate, served.caption = noted("draw", served.generate), noted("caption", served.caption)
+    port = free_port()
+    app = launch(build_app(served), port=port, block=False)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(tmp_path / "downloads"))
+        pipeline.generate(EN)[0].save(tmp_path / "image.png")
+        drawing = client.submit(EN, "64x64", 2.0, 1.0, 20, 0.9, 0, 3, api_name="/draw")
+        while drawing.status().code not in (Status.PROCESSING, Status.PROGRESS):
+            assert not drawing.done()
+            time.sleep(0.005)
+        captioning = client.submit(handle_file(str(tmp_path / "image.png")), api_name="/caption")
+        assert drawing.result() and captioning.result()
+    finally:
+        app.close()
+    (first, _, drawn), (second, started, _) = sorted(calls, key=lambda call: call[1])
+    assert (first, second) == ("draw", "caption") and started >= drawn
 
 
 def test_captions_an_upload_resized_to_the_nearest_trained_size(client, pipeline, tmp_path):
