@@ -1,4 +1,5 @@
 # make demo   the embedded default: the shapes world trained end to end on CPU
+#             (options of conf/demo.yaml: make demo ARGS="seed=7 out_dir=artifacts/demo7")
 # make test   the test suite (tiny models, CPU)
 # make serve  the web demo (Gradio) on the checkpoint `make demo` trained: http://127.0.0.1:7860
 # make system-deps  (root) Debian packages: a CJK font, headless Chromium for the browser test
@@ -27,7 +28,7 @@ test: setup
 	$(PY) -m pytest
 
 demo: setup
-	$(PY) apps/demo.py
+	$(PY) apps/demo.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) logs artifacts

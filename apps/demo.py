@@ -38,9 +38,9 @@ class Step:
     resume_from: Path | None = None  # a training step's last checkpoint
 
 
-def train_step(name: str, overrides: list[str], out: Path) -> Step:
+def train_step(name: str, overrides: list[str], out: Path, seed: int) -> Step:
     run = out / name
-    args = [str(APPS / "train.py"), *overrides, f"hydra.run.dir={run}", f"paths.data_dir={out / 'data'}"]
+    args = [str(APPS / "train.py"), *overrides, f"seed={seed}", f"hydra.run.dir={run}", f"paths.data_dir={out / 'data'}"]
     return Step(name, lambda: args, resume_from=run / "checkpoints" / "last.ckpt")
 
 
@@ -61,13 +61,13 @@ def demo_steps(cfg: DictConfig, out: Path) -> list[Step | tuple[Step, ...]]:
         Step("eval_scenes", lambda: ["-m", "mars_data.shapes", "render", "--prompts", str(eval_prompts),
                                      "--out", str(out / "eval_scenes")]),
         (  # the tokenizer, then its codes, beside the text LLM
-            [train_step("tokenizer", list(cfg.tokenizer), out),
+            [train_step("tokenizer", list(cfg.tokenizer), out, cfg.seed),
              Step("codes", lambda: [str(APPS / "tokenize_shards.py"), f"tokenizer={tokenizer}",
                                     f"input={shapes_train_shards()}", f"output={data / 'shapes_codes' / 'train'}", "resolutions=[64x64]",
                                     f"hydra.run.dir={out / 'codes'}"])],
-            train_step("lm", list(cfg.lm), out),
+            train_step("lm", list(cfg.lm), out, cfg.seed),
         ),
-        train_step("stage1", [*cfg.stage1, f"model.llm_path={llm}", f"model.tokenizer_path={tokenizer}"], out),
+        train_step("stage1", [*cfg.stage1, f"model.llm_path={llm}", f"model.tokenizer_path={tokenizer}"], out, cfg.seed),
         Step("samples", lambda: [str(APPS / "generate.py"), f"ckpt={ckpt}", f"prompts={write_sample_prompts(cfg, out)}",
                                  f"out={out / 'samples'}", "grid=true", "overwrite=true", f"hydra.run.dir={out / 'samples'}"]),
         Step("generate_eval", lambda: [str(APPS / "generate.py"), f"ckpt={ckpt}", f"prompts={eval_prompts}",

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_steps_are_the_projects_own_commands(make_cfg, tmp_path):
-    cfg = make_cfg([], config_name="demo")
+    cfg = make_cfg(["seed=7"], config_name="demo")
     groups = demo_steps(cfg, tmp_path)
     tokenizer_lane, lm = groups[2]  # independent: side by side
     assert [s.name for s in tokenizer_lane] == ["tokenizer", "codes"] and lm.name == "lm"
@@ -26,6 +26,7 @@ def test_demo_steps_are_the_projects_own_commands(make_cfg, tmp_path):
         assert args[0] == "-m" or Path(args[0]).is_file(), args
     stage1 = next(s for s in steps if s.name == "stage1").args()
     assert "experiment=shapes_stage1" in stage1 and f"model.llm_path={tmp_path / 'lm' / 'llm'}" in stage1
+    assert all("seed=7" in s.args() for s in steps if s.name in ("tokenizer", "lm", "stage1"))
 
 
 def test_a_rerun_skips_finished_steps_and_resumes_training_from_its_checkpoint(tmp_path):
@@ -35,7 +36,7 @@ def test_a_rerun_skips_finished_steps_and_resumes_training_from_its_checkpoint(t
     run_steps([record("a"), record("b")], tmp_path)  # "a" finished: not run again
     assert log.read_text().splitlines() == ["a ", "b "]
 
-    step = train_step("stage", [], tmp_path)
+    step = train_step("stage", [], tmp_path, seed=0)
     checkpoint = step.resume_from
     checkpoint.parent.mkdir(parents=True)
     checkpoint.touch()
