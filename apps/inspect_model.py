@@ -9,6 +9,7 @@ the table lists every part's parameters, how many are trainable, and the vocabul
 from __future__ import annotations
 
 import hydra
+import lightning as L
 import torch
 from omegaconf import DictConfig
 
@@ -20,6 +21,8 @@ def inspect_model(cfg: DictConfig) -> dict:
     """Print the parameter table of ``cfg.model``; returns its figures."""
     with torch.device(cfg.device):
         model = hydra.utils.instantiate(cfg.model)
+        if isinstance(model, L.LightningModule):  # TextToImageModule builds its model in this hook
+            model.configure_model()
     semvie = next((m for m in model.modules() if isinstance(m, SemVIEForCausalLM)), None)
     if semvie is None:
         raise TypeError(f"{type(model).__name__} contains no SemVIEForCausalLM")

@@ -17,8 +17,8 @@ the step. The settings, side by side in one run:
 
 With ``--ranks 2`` the same checkpoints train one step of ``experiment=stage1`` under DeepSpeed
 ZeRO-3 with two CPU processes (fp32), through ``apps/train.py``; each rank reports its peak
-resident memory once the model is built and DeepSpeed has set up (``PeakMemory``), and after
-the step (a rank killed for memory is reported as such). ``--before DIR`` runs the same command
+resident memory once the model is built, once DeepSpeed has set up (optimizer states) and
+after the step (``PeakMemory``; a rank killed for memory is reported as such). ``--before DIR`` runs the same command
 with the code of another checkout first, side by side in one run.
 """
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -43,6 +44,7 @@ from mars_app.t2i import TextToImageModule
 llm, vq, dtype, chunk, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GB
 module = TextToImageModule(llm, vq, optimizer=None, llm_dtype=dtype, loss_chunk=chunk, resolutions=["256x256"], ema_decay=None)
+module.configure_model()
 built = peak()
 codes = torch.randint(0, 8192, (batch, 16, 16))
 captions = ["a photo of a red car parked on a street in the evening light"] * batch
@@ -78,18 +80,28 @@ def make_checkpoints(root: Path, hidden: int, layers: int) -> tuple[Path, Path]:
 
 
 class PeakMemory(Callback):
-    """Each rank prints its peak resident memory (GB) when training starts (model built,
-    DeepSpeed set up) and when it ends."""
+    """Each rank prints its peak resident memory (GB) once the model is built (after Lightning's
+    ``configure_model``, before DeepSpeed sets up), once DeepSpeed has set up (its optimizer
+    states allocated) and when training ends."""
 
     @staticmethod
     def _report(trainer, when: str) -> None:
         print(f"PEAK rank {trainer.global_rank} {when} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}", flush=True)
 
+    def setup(self, trainer, pl_module, stage) -> None:
+        build = pl_module.configure_model  # called next by the trainer; no hook runs between it and DeepSpeed's setup
+
+        def configure_model():
+            build()
+            self._report(trainer, "1-model")
+
+        pl_module.configure_model = configure_model
+
     def on_train_start(self, trainer, pl_module) -> None:
-        self._report(trainer, "built")
+        self._report(trainer, "2-engine")
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._report(trainer, "step")
+        self._report(trainer, "3-step")
 
 
 def train_two_ranks(repo: Path, python: str, llm: Path, vq: Path, shards: Path, out: Path) -> dict:
@@ -100,13 +112,15 @@ def train_two_ranks(repo: Path, python: str, llm: Path, vq: Path, shards: Path, 
         "data.samples_per_epoch=8", "trainer.max_steps=1", "model.export_dir=null", "logger=csv",
         "+callbacks.memory._target_=benchmarks.loading_memory.PeakMemory", f"hydra.run.dir={out}",
     ]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    # a fixed mmap threshold: glibc then returns freed large blocks to the system at once, so the
+    # peak shows what a rank holds (with its adaptive threshold a rank built under zero.Init kept
+    # the full-size blocks it freed: 2.6-2.9 GB resident after loading the LLM instead of 1.6)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1",
+           "MALLOC_MMAP_THRESHOLD_": "131072"}
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     peaks = {}
-    for line in (proc.stdout + proc.stderr).splitlines():
-        if line.startswith("PEAK rank"):
-            _, _, rank, when, gb = line.split()
-            peaks[f"rank {rank} {when}"] = float(gb)
+    for rank, when, gb in re.findall(r"PEAK rank (\d+) ([\w-]+) ([\d.]+)", proc.stdout + proc.stderr):  # may share a line with a progress bar
+        peaks[f"rank {rank} {when}"] = float(gb)
     if proc.returncode and not peaks:
         raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-3000:])
     if proc.returncode:  # built, then failed (e.g. a rank killed for memory): say so

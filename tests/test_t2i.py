@@ -105,7 +105,9 @@ def test_stage2_from_images_of_several_aspect_ratios(make_cfg, checkpoints, tmp_
 
 def build_module(make_cfg, checkpoints, tmp_path, *overrides):
     cfg = make_cfg([*tiny_overrides(checkpoints, tmp_path), *overrides])
-    return hydra.utils.instantiate(cfg.model)
+    module = hydra.utils.instantiate(cfg.model)
+    module.configure_model()  # what the trainer calls
+    return module
 
 
 def image_batch(n=8, size=16):
@@ -201,6 +203,31 @@ def test_caption_correct_accepts_any_form_of_the_scene():
         assert not caption_correct(caption, record), caption
 
 
+class BuiltInSlices(L.Callback):
+    """Before the first step of a ZeRO-3 run: every weight is split across the ranks, and
+    gathered it holds what it should: the LLM its checkpoint's values, each visual expert a
+    copy of its text layer, the visual embedding the mean text embedding."""
+
+    def on_fit_start(self, trainer, pl_module):
+        import deepspeed
+        from safetensors.torch import load_file
+
+        model, world = pl_module.model, trainer.world_size
+        assert all(p.ds_tensor.numel() == -(-p.ds_numel // world) for p in model.parameters())
+        saved = load_file(Path(pl_module.llm_path) / "model.safetensors")
+        pairs = [(model.llm.model.embed_tokens.weight, None), (model.visual_embed.weight, None)]
+        for expert, layer in zip(model.experts, model.llm.model.layers):
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                pairs += zip(getattr(expert, name).parameters(), getattr(layer.self_attn, name).parameters(), strict=True)
+            pairs += zip(expert.mlp.parameters(), layer.mlp.parameters(), strict=True)
+        with deepspeed.zero.GatheredParameters([p for pair in pairs for p in pair if p is not None]):
+            text = model.llm.model.embed_tokens.weight
+            assert torch.equal(text, saved["model.embed_tokens.weight"].to(text.dtype))
+            assert torch.equal(model.visual_embed.weight[0], text.mean(0))
+            for expert_weight, text_weight in pairs[2:]:
+                assert torch.equal(expert_weight, text_weight)
+
+
 def test_deepspeed_zero3_two_cpu_processes_fit_save_and_resume(checkpoints, tmp_path):
     args = [
         "experiment=shapes_stage1", f"model.llm_path={checkpoints['llm']}", f"model.tokenizer_path={checkpoints['vq']}",
@@ -209,7 +236,8 @@ def test_deepspeed_zero3_two_cpu_processes_fit_save_and_resume(checkpoints, tmp_
         "model.evaluator=null", "model.resolutions=[16x16]", "trainer.max_time=null",
         "trainer=deepspeed_zero3", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
     ]
-    run_cli([*args, "trainer.max_steps=3", "callbacks.model_checkpoint.every_n_train_steps=3", "hydra.run.dir=first"], cwd=tmp_path)
+    run_cli([*args, "trainer.max_steps=3", "callbacks.model_checkpoint.every_n_train_steps=3", "hydra.run.dir=first",
+             "+callbacks.slices._target_=tests.test_t2i.BuiltInSlices"], cwd=tmp_path)
     checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
     assert checkpoint.is_dir()
     assert (tmp_path / "first" / "mars" / "mars.json").exists()

@@ -29,7 +29,9 @@ Design choices:
 - **Memory**: the LLM is loaded in ``llm_dtype`` (the paper's bf16 runs: ``bfloat16``, the
   precision DeepSpeed trains in anyway, half the host memory of fp32 while the model is built;
   DeepSpeed keeps fp32 master weights of the trainable parts), and the loss runs the heads on
-  ``loss_chunk`` target positions at a time (no full 160k-wide fp32 logits).
+  ``loss_chunk`` target positions at a time (no full 160k-wide fp32 logits). The model is
+  built in ``configure_model``: under DeepSpeed ZeRO-3 inside ``zero.Init``, so each rank
+  holds only its slice of the weights from the start.
 - **Optimizer**: AdamW over the trainable weights only; no weight decay on norms, biases and
   embeddings; the new parts (visual and image-position embeddings, vision head) may get a larger learning rate
   (``new_params_lr_scale``): they start from nothing while the experts start as copies of the
@@ -54,7 +56,7 @@ from __future__ import annotations
 import random
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import lightning as L
 import torch
@@ -63,10 +65,29 @@ from lightning.pytorch.utilities import rank_zero_info
 from mars_app.pipeline import MarsPipeline
 from mars_core.schedule import warmup_cosine_scheduler
 from mars_data.images import parse_resolution
-from mars_semvie import SemVIEForCausalLM
+from mars_semvie import SemVIEConfig, SemVIEForCausalLM
+from mars_semvie.model import gathered
 from mars_semvie.sequences import SequenceBuilder
 
 NEW_PARTS = ("visual_embed", "image_position", "vision_head")  # SemVIE parameters that start from nothing
+
+
+@contextmanager
+def hf_zero3(strategy) -> Iterator[None]:
+    """With a DeepSpeed ZeRO-3 strategy, tell Hugging Face (its global DeepSpeed config) for the
+    block, so ``from_pretrained`` loads into the ``zero.Init`` slices instead of full weights."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    if not (isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3):
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    config = HfDeepSpeedConfig(strategy.config)  # noqa: F841 (held by a weak reference while it lives)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
 
 
 class TextToImageModule(L.LightningModule):
@@ -97,13 +118,12 @@ class TextToImageModule(L.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         from mars_tokenizer import VQTokenizer
 
         if not isinstance(getattr(torch, llm_dtype, None), torch.dtype):
             raise ValueError(f"model.llm_dtype={llm_dtype!r} is not a torch dtype (float32, bfloat16, float16)")
-        llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=getattr(torch, llm_dtype))
         self.text_tokenizer = AutoTokenizer.from_pretrained(llm_path)
         # the VQ tokenizer is frozen and not part of the trained module (no checkpoint, no sharding)
         self._vq = [VQTokenizer.from_pretrained(tokenizer_path).eval().requires_grad_(False)]
@@ -113,12 +133,13 @@ class TextToImageModule(L.LightningModule):
                 f"model.num_visual_codes={codes} but the VQ tokenizer at {tokenizer_path} has "
                 f"{self.vq.codebook_size} codes: leave it null to take the tokenizer's"
             )
-        self.model = SemVIEForCausalLM.from_llm(llm, codes, visual_expert=visual_expert, image_positions=image_positions)
-        if init_from:
-            self.load_semvie_weights(init_from)
-        self.model.gradient_checkpointing_enable(gradient_checkpointing)
-        self.model.loss_chunk = loss_chunk
-        self.vocab = self.model.vocab
+        self.semvie_config = SemVIEConfig(
+            AutoConfig.from_pretrained(llm_path).vocab_size, codes, visual_expert, image_positions=image_positions
+        )
+        self.vocab = self.semvie_config.vocab
+        self.llm_path, self.llm_dtype, self.init_from = llm_path, getattr(torch, llm_dtype), init_from
+        self.gradient_checkpointing, self.loss_chunk = gradient_checkpointing, loss_chunk
+        self.model: SemVIEForCausalLM | None = None  # configure_model builds it
         mix = dict(task_mix or {"t2i": 1.0})
         unknown = set(mix) - {"t2i", "caption"}
         if unknown or not sum(mix.values()) > 0:
@@ -155,6 +176,29 @@ class TextToImageModule(L.LightningModule):
     def vq(self):
         return self._vq[0]
 
+    def configure_model(self) -> None:
+        """Build SemVIE around the LLM (once). Lightning calls this inside its strategy's
+        context: under DeepSpeed ZeRO-3 that is ``zero.Init``, so every weight is split across
+        the ranks as it is made, and no rank ever holds the whole model (Hugging Face loads the
+        checkpoint into the slices, rank 0 reading it). Outside a trainer (tools, tests) call it
+        yourself. A model loaded in 16 bits for a 32-bit trainer (e.g. trainer=cpu with a paper
+        experiment) is upcast: optimizer steps on bf16 weights lose updates."""
+        if self.model is not None:
+            return
+        from transformers import AutoModelForCausalLM
+
+        with hf_zero3(self._trainer.strategy if self._trainer else None):
+            llm = AutoModelForCausalLM.from_pretrained(self.llm_path, dtype=self.llm_dtype)
+            self.model = SemVIEForCausalLM(llm, self.semvie_config)
+            if self.init_from:
+                self.load_semvie_weights(self.init_from)
+        self.model.gradient_checkpointing_enable(self.gradient_checkpointing)
+        self.model.loss_chunk = self.loss_chunk
+        precision = str(self._trainer.precision) if self._trainer else "32"
+        if self.llm_dtype != torch.float32 and "16" not in precision and not self._sharded():
+            rank_zero_info(f"model loaded in {self.llm_dtype} (model.llm_dtype), trainer.precision={precision}: upcast to float32")
+            self.model.float()
+
     def load_semvie_weights(self, path: str | Path) -> None:
         """Start from the SemVIE weights (visual experts, embeddings, head) of a save_pretrained dir."""
         from safetensors.torch import load_file
@@ -162,20 +206,17 @@ class TextToImageModule(L.LightningModule):
         from mars_semvie.model import WEIGHTS_NAME
 
         weights = load_file(Path(path) / WEIGHTS_NAME)
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
-        missing = [k for k in missing if not k.startswith("llm.")]
+        own = {n: p for n, p in self.model.named_parameters() if not n.startswith("llm.")}
+        missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
         if missing or unexpected:
             raise RuntimeError(f"{path}: missing {missing}, unexpected {unexpected}")
+        for name, param in own.items():
+            with gathered([param]), torch.no_grad():
+                param.copy_(weights[name])
 
     # ------------------------------------------------------------------------- sequences
     def setup(self, stage: str) -> None:
-        """Hand the sequence builders to the datamodule: batches arrive built by its workers.
-        A model loaded in bf16 for a trainer that is not (e.g. trainer=cpu with a paper
-        experiment) is upcast to fp32 first: optimizer steps on bf16 weights lose updates."""
-        dtype = next(self.model.parameters()).dtype
-        if dtype != torch.float32 and "16" not in str(self.trainer.precision):
-            rank_zero_info(f"model loaded in {dtype} (model.llm_dtype), trainer.precision={self.trainer.precision}: upcast to float32")
-            self.model.float()
+        """Hand the sequence builders to the datamodule: batches arrive built by its workers."""
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "batch_stage"):
             datamodule.batch_stage = self.builder

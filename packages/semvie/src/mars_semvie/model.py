@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -126,17 +127,53 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
-class VisualExpert(nn.Module):
-    """Trainable copies of one decoder layer's attention projections and FFN."""
+@contextmanager
+def gathered(params, modify: bool = True):
+    """Inside the block, DeepSpeed ZeRO-3 partitioned parameters among ``params`` hold their full
+    values; with ``modify``, rank 0's changes are partitioned back at the end. Ordinary
+    parameters pass through (no DeepSpeed needed)."""
+    sharded = [p for p in params if hasattr(p, "ds_id")]
+    if not sharded:
+        yield
+        return
+    import deepspeed
 
-    def __init__(self, text_layer: nn.Module):
+    with deepspeed.zero.GatheredParameters(sharded, modifier_rank=0 if modify else None):
+        yield
+
+
+class VisualExpert(nn.Module):
+    """Trainable copies of one decoder layer's attention projections and FFN.
+
+    A layer built under DeepSpeed's ``zero.Init`` (each rank holds a slice of every weight) is
+    not deep-copied, which would copy the slices' bookkeeping: the copies are built anew (so
+    ``zero.Init`` partitions them too) and the full weights copied in, gathered."""
+
+    def __init__(self, text_layer: nn.Module, config):
         super().__init__()
         attn = text_layer.self_attn
-        self.q_proj = copy.deepcopy(attn.q_proj)
-        self.k_proj = copy.deepcopy(attn.k_proj)
-        self.v_proj = copy.deepcopy(attn.v_proj)
-        self.o_proj = copy.deepcopy(attn.o_proj)
-        self.mlp = copy.deepcopy(text_layer.mlp)
+        names = ("q_proj", "k_proj", "v_proj", "o_proj")
+        if not any(hasattr(p, "ds_id") for p in text_layer.parameters()):
+            for name in names:
+                setattr(self, name, copy.deepcopy(getattr(attn, name)))
+            self.mlp = copy.deepcopy(text_layer.mlp)
+            return
+        dtype = attn.q_proj.weight.dtype
+        for name in names:
+            src = getattr(attn, name)
+            setattr(self, name, nn.Linear(src.in_features, src.out_features, bias=src.bias is not None, dtype=dtype))
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            self.mlp = type(text_layer.mlp)(config)
+        finally:
+            torch.set_default_dtype(default)
+        sources = [*(getattr(attn, name) for name in names), text_layer.mlp]
+        pairs = [(d, s) for target, source in zip([*(getattr(self, n) for n in names), self.mlp], sources)
+                 for d, s in zip(target.parameters(), source.parameters(), strict=True)]
+        with gathered([p for pair in pairs for p in pair]), torch.no_grad():
+            for target, source in pairs:
+                target.copy_(source)
 
 
 class Router:
@@ -239,16 +276,18 @@ class SemVIEForCausalLM(nn.Module):
         factory = dict(device=text_embed.device, dtype=text_embed.dtype)
         self.visual_embed = nn.Embedding(self.vocab.visual_size, c.hidden_size, **factory)
         self.vision_head = nn.Linear(c.hidden_size, self.vocab.visual_size, bias=False, **factory)
-        with torch.no_grad():
+        # under zero.Init each rank holds slices: the full values inside, rank 0's kept
+        with gathered([text_embed, self.visual_embed.weight, self.vision_head.weight]), torch.no_grad():
             self.visual_embed.weight.copy_(text_embed.mean(0, keepdim=True).expand_as(self.visual_embed.weight))
             self.vision_head.weight.normal_(0.0, getattr(c, "initializer_range", 0.02))
         # zeros: a new model computes exactly what it would without them
         self.image_position = nn.Embedding(config.image_positions, c.hidden_size, **factory) if config.image_positions else None
         if self.image_position is not None:
-            nn.init.zeros_(self.image_position.weight)
+            with gathered([self.image_position.weight]):
+                nn.init.zeros_(self.image_position.weight)
         llm.requires_grad_(not config.visual_expert)
         self.experts = (
-            nn.ModuleList(VisualExpert(layer) for layer in llm.model.layers).requires_grad_(True)
+            nn.ModuleList(VisualExpert(layer, c) for layer in llm.model.layers).requires_grad_(True)
             if config.visual_expert
             else None
         )
