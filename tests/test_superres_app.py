@@ -27,7 +27,7 @@ from mars_data import ShardDataModule, shapes
 from mars_semvie import SemVIEForCausalLM
 from mars_superres import SuperResModel, SuperResModule
 from mars_tokenizer import VQTokenizer
-from tests.test_t2i import checkpoints  # noqa: F401  (the tiny LLM and VQ fixture, shared)
+from tests.test_t2i import BatchesBuiltInWorkers, checkpoints  # noqa: F401  (checkpoints: the tiny LLM and VQ fixture, shared)
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +82,13 @@ def test_stage3_experiment_has_the_papers_settings(make_cfg):
 def test_shapes_stage3_fits_and_exports_a_loadable_checkpoint(make_cfg, world):
     cfg = make_cfg([
         "experiment=shapes_stage3", f"model.base_path={world['base']}", f"data.train_shards={world['triplets']}",
-        "data.batch_size=8", "data.num_workers=0", "model.long_side=32", "model.tokens_per_step=4",
-        "trainer.max_steps=3", "trainer.max_time=null",
+        "data.batch_size=8", "data.num_workers=1", "model.long_side=32", "model.tokens_per_step=4",
+        "trainer.max_steps=3", "trainer.max_time=null", "+callbacks.built._target_=tests.test_t2i.BatchesBuiltInWorkers",
     ])
+    BatchesBuiltInWorkers.seen = []
     metrics = train(cfg)
     assert metrics["global_step"] == 3
+    assert BatchesBuiltInWorkers.seen == [True] * 3  # sequences built in the DataLoader worker
     assert {"train/loss_head1", "train/loss_head4"} <= set(metrics)
     export = Path(cfg.paths.output_dir) / "superres"
     model = SuperResModel.from_pretrained(export)

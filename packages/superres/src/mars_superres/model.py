@@ -111,6 +111,13 @@ def hires_size(width: int, height: int, long_side: int, multiple: int) -> tuple[
     return (long_side, short) if width >= height else (short, long_side)
 
 
+def build_triplet(text_ids: list[int], lowres_codes: torch.Tensor, hires_codes: torch.Tensor, vocab) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a training sequence: ``[text] <low-res image> <high-res image>``,
+    labels on the high-res image tokens only."""
+    context = [*text_ids, *seq.caption_prompt_ids(lowres_codes, vocab, row_end=True)]
+    return seq.build_t2i(context, hires_codes, vocab, row_end=True)
+
+
 class ResidualHead(nn.Module):
     """Head k >= 2 before the shared output projection: z = h + mlp(norm(h))."""
 
@@ -176,10 +183,8 @@ class SuperResModel(nn.Module):
         return seq.t2i_prompt_ids([*text_ids, *seq.caption_prompt_ids(lowres_codes, self.vocab, row_end=True)], self.vocab)
 
     def build(self, text_ids: list[int], lowres_codes: torch.Tensor, hires_codes: torch.Tensor) -> tuple[list[int], list[int]]:
-        """(input_ids, labels) of a training sequence; labels on the high-res image tokens only."""
-        context = [*text_ids, *seq.caption_prompt_ids(lowres_codes, self.vocab, row_end=True)]
-        ids, labels = seq.build_t2i(context, hires_codes, self.vocab, row_end=True)
-        return ids, labels
+        """(input_ids, labels) of a training sequence (``build_triplet``)."""
+        return build_triplet(text_ids, lowres_codes, hires_codes, self.vocab)
 
     def hires_span(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) True from the second ``<image_start>`` of a sequence on: the high-res image."""

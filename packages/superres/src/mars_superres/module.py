@@ -7,11 +7,12 @@ writes it; read here by its layout, without importing the application), builds
 ``batch["codes"]`` high-res, ``batch["lowres_codes"]``, ``batch["caption"]``).
 
 Design choices:
-- **Sequences** from ``SuperResModel.build`` (``mars_semvie.sequences``): the high-res size
+- **Sequences** built in the DataLoader workers (``TripletSequences``, the datamodule's batch
+  stage) from ``build_triplet`` (``mars_semvie.sequences``): the high-res size
   (its code grid times the tokenizer's downsampling) written into the prompt as in stage II;
   the caption is dropped to the unconditional prompt with probability ``uncond_prob`` (the
-  low-res image stays: guidance then amplifies the caption), drawn from a generator seeded by
-  (seed, step, rank) so a resumed run repeats the draws.
+  low-res image stays: guidance then amplifies the caption), drawn from the data stream's
+  seeded generator so a resumed run repeats the draws.
 - **Optimizer**: AdamW (``optimizer``, partial) over the trainable weights only (visual
   experts, embeddings, vision head, K-1 heads, type embedding); no weight decay on norms,
   biases and embeddings. Schedule: ``mars_core.schedule.warmup_cosine_scheduler``.
@@ -36,7 +37,7 @@ import torch
 
 from mars_core.schedule import warmup_cosine_scheduler
 from mars_semvie import sequences as seq
-from mars_superres.model import SuperResConfig, SuperResModel
+from mars_superres.model import SuperResConfig, SuperResModel, build_triplet
 
 TOKENIZER_DIR, TEXT_TOKENIZER_DIR, BASE_CONFIG = "tokenizer", "text_tokenizer", "mars.json"
 
@@ -48,6 +49,35 @@ def read_base(base_path: str | Path) -> dict:
     if missing:
         raise FileNotFoundError(f"base_path={base} is not a MARS checkpoint directory: missing {', '.join(missing)}")
     return json.loads((base / BASE_CONFIG).read_text())
+
+
+class TripletSequences:
+    """The datamodule's batch stage for triplet batches (run in the DataLoader workers): adds the
+    training sequences, the caption dropped with probability ``uncond_prob``. Draws come from
+    the data stream's generator (seeded by seed, epoch, rank and worker), so a resumed run
+    draws what the first run drew."""
+
+    def __init__(self, text_tokenizer, vocab, downsample: int, uncond_prob: float, seed: int = 0):
+        # prompt ids (the high-res size written in) from the stage I/II builder's bounded cache
+        self.prompts = seq.SequenceBuilder(text_tokenizer, vocab, downsample, resolution_in_prompt=True)
+        self.vocab, self.downsample, self.uncond_prob, self.seed = vocab, downsample, uncond_prob, seed
+
+    def build(self, batch: dict, rng: random.Random) -> dict[str, torch.Tensor]:
+        if "lowres_codes" not in batch or "codes" not in batch:
+            raise KeyError("super-resolution batches need codes and lowres_codes (data=superres_triplets)")
+        ids, labels = [], []
+        for high, low, caption in zip(batch["codes"].cpu(), batch["lowres_codes"].cpu(), batch["caption"]):
+            size = (high.shape[1] * self.downsample, high.shape[0] * self.downsample)  # (width, height)
+            text = "" if rng.random() < self.uncond_prob else caption
+            x, y = build_triplet(self.prompts.prompt_ids(text, size), low, high, self.vocab)
+            ids.append(x)
+            labels.append(y)
+        return seq.collate(ids, self.vocab, labels)
+
+    def __call__(self, batches, skips=None, rng: random.Random | None = None):
+        rng = rng or random.Random(self.seed)
+        for batch in batches:
+            yield {**batch, **self.build(batch, rng)}
 
 
 class SuperResModule(L.LightningModule):
@@ -88,26 +118,24 @@ class SuperResModule(L.LightningModule):
         self.llm_path = llm_path
         self.export_dir = export_dir
         self.seed = seed
-        # prompt ids (the high-res size written in) from the stage I/II builder's bounded cache
-        self.prompts = seq.SequenceBuilder(self.text_tokenizer, self.vocab, self.downsample, resolution_in_prompt=True)
+        self.triplets = TripletSequences(self.text_tokenizer, self.vocab, self.downsample, uncond_prob, seed)
+
+    def setup(self, stage: str) -> None:
+        """Hand the sequence builder to the datamodule: batches arrive built by its workers."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "batch_stage"):
+            datamodule.batch_stage = self.triplets
 
     def sequences(self, batch: dict, rng: random.Random) -> dict[str, torch.Tensor]:
-        """The left-padded training batch of a triplet batch."""
-        if "lowres_codes" not in batch or "codes" not in batch:
-            raise KeyError("super-resolution batches need codes and lowres_codes (data=superres_triplets)")
-        ids, labels = [], []
-        for high, low, caption in zip(batch["codes"].cpu(), batch["lowres_codes"].cpu(), batch["caption"]):
-            size = (high.shape[1] * self.downsample, high.shape[0] * self.downsample)  # (width, height)
-            text = "" if rng.random() < self.uncond_prob else caption
-            x, y = self.model.build(self.prompts.prompt_ids(text, size), low, high)
-            ids.append(x)
-            labels.append(y)
-        out = seq.collate(ids, self.vocab, labels)
-        return {k: v.to(self.device) for k, v in out.items()}
+        """The left-padded training batch of a triplet batch (what the workers add to it)."""
+        return {k: v.to(self.device) for k, v in self.triplets.build(batch, rng).items()}
 
     def training_step(self, batch, batch_idx):
-        rng = random.Random(f"{self.seed}/{self.global_step}/{self.global_rank}")
-        out = self.model(**self.sequences(batch, rng))
+        if "input_ids" in batch:  # built in the DataLoader workers
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "labels")}
+        else:
+            inputs = self.sequences(batch, random.Random(f"{self.seed}/{self.global_step}/{self.global_rank}"))
+        out = self.model(**inputs)
         size = len(batch["caption"])
         self.log("train/loss", out.loss, prog_bar=True, batch_size=size)
         for k, loss in enumerate(out.head_losses, start=1):
