@@ -103,14 +103,14 @@ def image_of(members) -> torch.Tensor:
     return next(decode_image(data) for info, data in members if info.name.endswith(".png"))
 
 
-def reconstruction_scores(tokenizer: VQTokenizer, records: list[dict], batch_size: int = 100) -> tuple[dict, float]:
-    """Shapes-world scores of the tokenizer's reconstructions of rendered prompts, and the share
-    of the codebook their codes use."""
+def reconstruction_scores(tokenizer: VQTokenizer, records: list[dict], batch_size: int = 100, size: int = 64) -> tuple[dict, float]:
+    """Shapes-world scores of the tokenizer's reconstructions of prompts rendered at ``size``
+    pixels, and the share of the codebook their codes use."""
     results, used = [], torch.zeros(tokenizer.codebook_size, dtype=torch.bool)
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         images = torch.stack([
-            torch.from_numpy(np.asarray(render(r["scene"], 64), dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+            torch.from_numpy(np.asarray(render(r["scene"], size), dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
             for r in chunk
         ])
         codes = tokenizer.encode(images)
