@@ -193,3 +193,13 @@ def test_shapes_datamodule_generates_once_and_trains(tmp_path):
                         enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(Probe(), datamodule=ShapesDataModule(str(tmp_path / "shapes"), **kwargs))
     assert trainer.global_step == 2 * 5 and trainer.callback_metrics["val_seen"] == 16
+
+
+def test_shapes_of_two_sizes_come_in_batches_of_one_size(tmp_path):
+    """A tokenizer that serves the base and the super-resolved size trains on renders of both."""
+    datamodule = ShapesDataModule(str(tmp_path / "shapes"), num_train_samples=64, num_val_samples=0, size=[16, 32],
+                                  samples_per_shard=32, processes=1, batch_size=4, shuffle_buffer=0)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    sizes = [tuple(batch["image"].shape[-2:]) for batch in datamodule.train_dataloader()]
+    assert set(sizes) == {(16, 16), (32, 32)} and len(sizes) >= 64 // 4

@@ -32,6 +32,20 @@ def test_aspect_sizes_keep_the_short_side():
         aspect_size(64, "0:1")
 
 
+def test_several_sizes_are_drawn_per_sample_and_one_size_keeps_its_stream(tmp_path):
+    assert shard_records(3, 0, 50, size=[16]) == shard_records(3, 0, 50, size=16)
+    main(["shards", "--out", str(tmp_path), "--num-samples", "40", "--seed", "3", "--size", "16,32", "--aspect-ratios", "1:1,2:1",
+          "--samples-per-shard", "20", "--processes", "1"])
+    sizes = Counter()
+    for shard in sorted(tmp_path.glob("*.tar")):
+        for sample in read_shard(shard).values():
+            image = Image.open(io.BytesIO(sample["png"]))
+            record = json.loads(sample["json"])
+            assert image.size == (record["width"], record["height"]) and min(image.size) in (16, 32)
+            sizes[image.size] += 1
+    assert set(sizes) == {(16, 16), (32, 16), (32, 32), (64, 32)}
+
+
 def test_shards_cli_writes_png_txt_json_samples(tmp_path):
     out = tmp_path / "shards"
     main(["shards", "--out", str(out), "--num-samples", "50", "--seed", "3", "--samples-per-shard", "20",

@@ -215,7 +215,7 @@ class ShapesDataModule(ShardDataModule):
         num_train_samples: int = 10_000,
         num_val_samples: int = 256,
         seed: int = 0,
-        size: int = 64,
+        size: int | Sequence[int] = 64,
         aspect_ratios: Sequence[str] = ("1:1",),
         langs: Sequence[str] = LANGS,
         samples_per_shard: int = 1000,
@@ -226,7 +226,7 @@ class ShapesDataModule(ShardDataModule):
         self.root = Path(root)
         self.world = {
             "seed": seed,
-            "size": size,
+            "size": size if isinstance(size, int) else [int(s) for s in size],  # a list: each sample draws one
             "aspect_ratios": [str(r) for r in aspect_ratios],
             "langs": [str(lang) for lang in langs],
             "samples_per_shard": samples_per_shard,

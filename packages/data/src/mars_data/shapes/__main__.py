@@ -1,6 +1,6 @@
 """Command line of the shapes world.
 
-    python -m mars_data.shapes shards --out DIR --num-samples N --seed S [--size 64]
+    python -m mars_data.shapes shards --out DIR --num-samples N --seed S [--size 64 | --size 64,128]
         [--aspect-ratios 1:1,3:2,2:3,2:1,1:2] [--lang en,zh] [--samples-per-shard K]
         [--processes P] [--stream train|val] [--jitter J]
     python -m mars_data.shapes prompts --num N --seed S --out FILE.jsonl
@@ -24,6 +24,11 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def _sizes(text: str) -> int | list[int]:
+    sizes = [int(x) for x in _csv(text)]
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mars_data.shapes", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -32,7 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     shards.add_argument("--out", required=True, help="output directory")
     shards.add_argument("--num-samples", type=int, required=True)
     shards.add_argument("--seed", type=int, required=True)
-    shards.add_argument("--size", type=int, default=64, help="short side of the canvas in pixels")
+    shards.add_argument("--size", type=_sizes, default=64,
+                        help="short side of the canvas in pixels; comma-separated: each sample draws one (64,128)")
     shards.add_argument("--aspect-ratios", type=_csv, default=("1:1",), help="comma-separated W:H")
     shards.add_argument("--lang", type=_csv, default=LANGS, help="comma-separated caption languages")
     shards.add_argument("--samples-per-shard", type=int, default=1000)

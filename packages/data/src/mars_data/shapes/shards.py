@@ -24,6 +24,7 @@ import random
 import tarfile
 from functools import partial
 from pathlib import Path
+from typing import Sequence
 
 from tqdm import tqdm
 
@@ -50,16 +51,19 @@ def sample_record(
     *,
     langs: tuple[str, ...] = LANGS,
     num_objects: int | None = None,
-    size: int | None = None,
+    size: int | Sequence[int] | None = None,
     aspect_ratios: tuple[str, ...] = ("1:1",),
     jitter: float = 0.0,
 ) -> dict:
-    """A scene record ``{"prompt", "lang", "scene"}``, plus ``width`` and ``height`` if ``size``."""
+    """A scene record ``{"prompt", "lang", "scene"}``, plus ``width`` and ``height`` if ``size``
+    (the short side, or a list of them to draw from: a tokenizer that serves two sizes)."""
     scene = sample_scene(rng, num_objects, jitter=jitter)
     lang = rng.choice(langs)
     record = {"prompt": write_caption(scene, lang, rng), "lang": lang, "scene": scene}
     if size is not None:
-        record["width"], record["height"] = aspect_size(size, rng.choice(aspect_ratios))
+        sizes = [size] if isinstance(size, int) else list(size)
+        short = sizes[0] if len(sizes) == 1 else rng.choice(sizes)  # one size: the streams of before
+        record["width"], record["height"] = aspect_size(short, rng.choice(aspect_ratios))
     return record
 
 
@@ -69,7 +73,7 @@ def shard_records(
     count: int,
     *,
     stream: str = "train",
-    size: int = 64,
+    size: int | Sequence[int] = 64,
     aspect_ratios: tuple[str, ...] = ("1:1",),
     langs: tuple[str, ...] = LANGS,
     jitter: float = 0.0,
@@ -109,7 +113,7 @@ def write_shards(
     num_samples: int,
     seed: int,
     *,
-    size: int = 64,
+    size: int | Sequence[int] = 64,
     aspect_ratios: tuple[str, ...] = ("1:1",),
     langs: tuple[str, ...] = LANGS,
     samples_per_shard: int = 1000,
