@@ -67,7 +67,7 @@ from mars_core.schedule import warmup_cosine_scheduler
 from mars_data.images import parse_resolution
 from mars_semvie import SemVIEConfig, SemVIEForCausalLM
 from mars_semvie.model import gathered
-from mars_semvie.sequences import SequenceBuilder
+from mars_semvie.sequences import SequenceBuilder, prebuilt
 
 NEW_PARTS = ("visual_embed", "image_position", "vision_head")  # SemVIE parameters that start from nothing
 
@@ -235,11 +235,7 @@ class TextToImageModule(L.LightningModule):
         return {k: v.to(self.device) for k, v in out.items()}
 
     def _model_inputs(self, batch: dict, rng_key: str) -> dict[str, torch.Tensor]:
-        if "input_ids" in batch:  # built in the DataLoader workers
-            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "labels")}
-        else:
-            inputs = self.sequences(batch, random.Random(f"{self.seed}/{rng_key}/{self.global_rank}"))
-        return inputs
+        return prebuilt(batch) or self.sequences(batch, random.Random(f"{self.seed}/{rng_key}/{self.global_rank}"))
 
     def _note_resolution(self, batch: dict) -> None:
         grid = batch["codes"].shape[-2:] if "codes" in batch else None

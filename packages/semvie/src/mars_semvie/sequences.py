@@ -206,6 +206,15 @@ def collate(
 
 
 # ----------------------------------------------------------------------- training batches
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
+
+
+def prebuilt(batch: dict) -> dict[str, torch.Tensor] | None:
+    """The model inputs of a batch whose sequences a batch stage built in the DataLoader
+    workers; None when the batch holds only data (the module builds them itself)."""
+    return {k: batch[k] for k in MODEL_INPUTS} if "input_ids" in batch else None
+
+
 class SequenceBuilder:
     """Training sequences of datamodule batches, built in the DataLoader workers.
 

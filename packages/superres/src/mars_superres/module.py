@@ -109,16 +109,15 @@ class SuperResModule(L.LightningModule):
         self.model.semvie.gradient_checkpointing_enable(gradient_checkpointing)
         self.text_tokenizer = AutoTokenizer.from_pretrained(self.base_path / TEXT_TOKENIZER_DIR)
         # only its downsampling factor is needed while training (the shards hold codes)
-        self.downsample = VQTokenizer.from_pretrained(self.base_path / TOKENIZER_DIR).downsample
+        downsample = VQTokenizer.from_pretrained(self.base_path / TOKENIZER_DIR).downsample
         self.vocab = self.model.vocab
-        self.uncond_prob = uncond_prob
         self.optimizer = optimizer
         self.warmup_ratio = warmup_ratio
         self.min_lr_ratio = min_lr_ratio
         self.llm_path = llm_path
         self.export_dir = export_dir
         self.seed = seed
-        self.triplets = TripletSequences(self.text_tokenizer, self.vocab, self.downsample, uncond_prob, seed)
+        self.triplets = TripletSequences(self.text_tokenizer, self.vocab, downsample, uncond_prob, seed)
 
     def setup(self, stage: str) -> None:
         """Hand the sequence builder to the datamodule: batches arrive built by its workers."""
@@ -131,10 +130,7 @@ class SuperResModule(L.LightningModule):
         return {k: v.to(self.device) for k, v in self.triplets.build(batch, rng).items()}
 
     def training_step(self, batch, batch_idx):
-        if "input_ids" in batch:  # built in the DataLoader workers
-            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "labels")}
-        else:
-            inputs = self.sequences(batch, random.Random(f"{self.seed}/{self.global_step}/{self.global_rank}"))
+        inputs = seq.prebuilt(batch) or self.sequences(batch, random.Random(f"{self.seed}/{self.global_step}/{self.global_rank}"))
         out = self.model(**inputs)
         size = len(batch["caption"])
         self.log("train/loss", out.loss, prog_bar=True, batch_size=size)
