@@ -3,9 +3,10 @@
 Runs the project's own commands in order, printing each before it runs, so that every step
 can be repeated by hand: held-out prompts and their scenes, the VQ tokenizer and the text LLM
 (side by side: they do not depend on each other, and two one-thread jobs use 2 cores better
-than one two-thread job; the tokenizer's pre-tokenized shards follow it in its lane), MARS
-stage I, a sample grid, generation and
-evaluation on the held-out prompts, and captions of the held-out scenes, scored. A finished step leaves
+than one two-thread job; the tokenizer's pre-tokenized shards follow it in its lane, the
+128 px renders for stage III the LLM in its), the super-resolution triplets, MARS stage I,
+stage III, generation and evaluation on the held-out prompts at 64 px and through the cascade
+at 128 px, a sample grid, and captions of the held-out scenes, scored. A finished step leaves
 ``<out_dir>/.done/<step>`` and is skipped on the next run; an interrupted training step
 resumes from its last checkpoint. Data lives in ``<out_dir>/data``, each training run in
 ``<out_dir>/<step>``; steps run side by side write their output to ``<out_dir>/<step>.log``.
@@ -48,6 +49,8 @@ def demo_steps(cfg: DictConfig, out: Path) -> list[Step | tuple[Step, ...]]:
     data = out / "data"
     eval_prompts = data / "eval" / f"prompts-{cfg.eval_seed}.jsonl"
     tokenizer, llm, ckpt = out / "tokenizer" / "tokenizer", out / "lm" / "llm", out / "stage1" / "mars"
+    superres, triplets = out / "stage3" / "superres", data / "superres_triplets" / "train"
+    cascade = [f"superres={superres}", f"tokens_per_step={cfg.tokens_per_step}", f"decode={cfg.decode}"]
 
     def shapes_train_shards() -> str:  # written by the tokenizer run's ShapesDataModule
         found = sorted((data / "shapes").glob("train-*"))
@@ -65,15 +68,24 @@ def demo_steps(cfg: DictConfig, out: Path) -> list[Step | tuple[Step, ...]]:
              Step("codes", lambda: [str(APPS / "tokenize_shards.py"), f"tokenizer={tokenizer}",
                                     f"input={shapes_train_shards()}", f"output={data / 'shapes_codes' / 'train'}", "resolutions=[64x64]",
                                     f"hydra.run.dir={out / 'codes'}"])],
-            train_step("lm", list(cfg.lm), out, cfg.seed),
+            [train_step("lm", list(cfg.lm), out, cfg.seed),
+             Step("renders_128", lambda: ["-m", "mars_data.shapes", "shards", "--out", str(data / "shapes128"),
+                                          "--num-samples", str(cfg.superres_samples), "--size", "128", "--seed", str(cfg.seed)])],
         ),
+        Step("triplets", lambda: [str(APPS / "superres_shards.py"), f"tokenizer={tokenizer}", f"input={data / 'shapes128'}",
+                                  f"output={triplets}", f"hydra.run.dir={out / 'triplets'}"]),
         train_step("stage1", [*cfg.stage1, f"model.llm_path={llm}", f"model.tokenizer_path={tokenizer}"], out, cfg.seed),
-        Step("samples", lambda: [str(APPS / "generate.py"), f"ckpt={ckpt}", f"prompts={write_sample_prompts(cfg, out)}",
-                                 f"out={out / 'samples'}", "grid=true", "overwrite=true", f"hydra.run.dir={out / 'samples'}"]),
-        Step("generate_eval", lambda: [str(APPS / "generate.py"), f"ckpt={ckpt}", f"prompts={eval_prompts}",
-                                       f"out={out / 'eval_images'}", "overwrite=true", f"hydra.run.dir={out / 'eval_images'}"]),
+        train_step("stage3", [*cfg.stage3, f"model.base_path={ckpt}", f"data.train_shards={triplets}"], out, cfg.seed),
+        Step("samples", lambda: [str(APPS / "generate.py"), f"ckpt={ckpt}", f"prompts={write_sample_prompts(cfg, out)}", *cascade,
+                                 "save_base=true", f"out={out / 'samples'}", "grid=true", "overwrite=true",
+                                 f"hydra.run.dir={out / 'samples'}"]),
+        Step("generate_eval", lambda: [str(APPS / "generate.py"), f"ckpt={ckpt}", f"prompts={eval_prompts}", *cascade,
+                                       "save_base=true", f"out={out / 'eval_images'}", "overwrite=true",
+                                       f"hydra.run.dir={out / 'eval_images'}"]),
         Step("evaluate", lambda: [str(APPS / "evaluate.py"), "task=shapes", f"prompts={eval_prompts}",
-                                  f"images={out / 'eval_images'}", f"hydra.run.dir={out / 'eval_images'}"]),
+                                  f"images={out / 'eval_images' / 'base'}", f"hydra.run.dir={out / 'eval_images' / 'base'}"]),
+        Step("evaluate_cascade", lambda: [str(APPS / "evaluate.py"), "task=shapes", f"prompts={eval_prompts}",
+                                          f"images={out / 'eval_images'}", f"hydra.run.dir={out / 'eval_images'}"]),
         Step("captions", lambda: [str(APPS / "generate.py"), f"ckpt={ckpt}", "task=caption",
                                   f"images={out / 'eval_scenes'}", f"out={out / 'captions' / 'captions.jsonl'}", "overwrite=true",
                                   f"hydra.run.dir={out / 'captions'}"]),
@@ -148,10 +160,13 @@ def demo(cfg: DictConfig) -> None:
     run_steps(demo_steps(cfg, out), out)
     print(f"\nDemo finished in {(time.monotonic() - start) / 60:.1f} min. Artifacts in {out}:")
     print(f"  MARS checkpoint:  {out / 'stage1' / 'mars'}")
-    print(f"  sample grid:      {out / 'samples' / 'grid.png'}")
-    print(f"  evaluation:       {out / 'eval_images' / 'eval_summary.json'}")
+    print(f"  stage III:        {out / 'stage3' / 'superres'}")
+    print(f"  sample grid:      {out / 'samples' / 'grid.png'} (64 px beside 128 px)")
+    print(f"  evaluation:       {out / 'eval_images' / 'base' / 'eval_summary.json'} (64 px), "
+          f"{out / 'eval_images' / 'eval_summary.json'} (128 px, the cascade)")
     print(f"  captions:         {out / 'captions' / 'captions.jsonl'} (scores: caption_summary.json)")
     print(f"Draw with it:\n  python apps/generate.py ckpt={out / 'stage1' / 'mars'} prompt=\"a red circle above a blue square\"")
+    print(f"  (at 128 px: add superres={out / 'stage3' / 'superres'} tokens_per_step={cfg.tokens_per_step} decode={cfg.decode})")
 
 
 if __name__ == "__main__":

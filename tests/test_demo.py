@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_steps_are_the_projects_own_commands(make_cfg, tmp_path):
     cfg = make_cfg(["seed=7"], config_name="demo")
     groups = demo_steps(cfg, tmp_path)
-    tokenizer_lane, lm = groups[2]  # independent: side by side
-    assert [s.name for s in tokenizer_lane] == ["tokenizer", "codes"] and lm.name == "lm"
+    tokenizer_lane, lm_lane = groups[2]  # independent: side by side
+    assert [s.name for s in tokenizer_lane] == ["tokenizer", "codes"] and [s.name for s in lm_lane] == ["lm", "renders_128"]
     steps = [s for g in groups for e in (g if isinstance(g, tuple) else (g,)) for s in (e if isinstance(e, list) else [e])]
-    assert [s.name for s in steps][:5] == ["eval_prompts", "eval_scenes", "tokenizer", "codes", "lm"]
+    assert [s.name for s in steps][:8] == ["eval_prompts", "eval_scenes", "tokenizer", "codes", "lm", "renders_128", "triplets", "stage1"]
     assert [s.name for s in steps][-2:] == ["captions", "evaluate_captions"]
     (tmp_path / "data" / "shapes" / "train-10-abc").mkdir(parents=True)  # what the tokenizer run leaves
     for step in steps:
@@ -26,7 +26,11 @@ def test_demo_steps_are_the_projects_own_commands(make_cfg, tmp_path):
         assert args[0] == "-m" or Path(args[0]).is_file(), args
     stage1 = next(s for s in steps if s.name == "stage1").args()
     assert "experiment=shapes_stage1" in stage1 and f"model.llm_path={tmp_path / 'lm' / 'llm'}" in stage1
-    assert all("seed=7" in s.args() for s in steps if s.name in ("tokenizer", "lm", "stage1"))
+    assert all("seed=7" in s.args() for s in steps if s.name in ("tokenizer", "lm", "stage1", "stage3"))
+    stage3 = next(s for s in steps if s.name == "stage3").args()
+    assert "experiment=shapes_stage3" in stage3 and f"model.base_path={tmp_path / 'stage1' / 'mars'}" in stage3
+    cascade = next(s for s in steps if s.name == "generate_eval").args()
+    assert f"superres={tmp_path / 'stage3' / 'superres'}" in cascade and "tokens_per_step=4" in cascade
 
 
 def test_a_rerun_skips_finished_steps_and_resumes_training_from_its_checkpoint(tmp_path):

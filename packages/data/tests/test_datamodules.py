@@ -58,6 +58,37 @@ def test_buckets_fill_whole_batches_of_each_size(shard_dir):
     assert len(partial) <= len(sizes)  # only the remainder of each bucket comes out short
 
 
+def test_crops_are_seeded_windows_of_the_images(shard_dir):
+    whole = {k: img for b in all_batches(ShardDataModule(str(shard_dir), batch_size=8, shuffle_buffer=0))
+             for k, img in zip(b["key"], b["image"])}
+
+    def crops(seed):
+        datamodule = ShardDataModule(str(shard_dir), batch_size=8, shuffle_buffer=0, crop=32, shuffle_seed=seed)
+        return {k: img for b in all_batches(datamodule) for k, img in zip(b["key"], b["image"])}
+
+    first = crops(0)
+    assert first.keys() == whole.keys()
+    offsets = set()
+    for key, crop in first.items():
+        assert crop.shape == (3, 32, 32)
+        image = whole[key]
+        windows = [left for left in range(image.shape[2] - 31) if torch.equal(image[:, :, left : left + 32], crop)]
+        assert windows, key  # a window of the image itself
+        offsets.add(windows[0] if image.shape[2] > 32 else None)
+    assert len(offsets - {None}) > 5  # the wide images are cut at many places
+    again, other = crops(0), crops(1)
+    assert all(torch.equal(again[k], first[k]) for k in first)  # the seed fixes the windows
+    assert any(not torch.equal(other[k], first[k]) for k in first)
+
+
+def test_images_smaller_than_the_crop_are_skipped_and_counted(shard_dir):
+    datamodule = ShardDataModule(str(shard_dir), batch_size=8, shuffle_buffer=0, crop=33)
+    assert all_batches(datamodule) == []
+    assert datamodule.skips.by_reason()["small_image"] == 60
+    with pytest.raises(ValueError, match="crop"):
+        ShardDataModule(str(shard_dir), batch_size=8, crop=32, load_codes=True).train_dataloader()
+
+
 def test_image_pixels_match_the_render(shard_dir):
     batch = next(iter(ShardDataModule(str(shard_dir), batch_size=4, shuffle_buffer=0).train_dataloader()))
     record = batch["record"][0]

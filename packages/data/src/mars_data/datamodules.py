@@ -88,6 +88,8 @@ class ShardDataModule(L.LightningDataModule):
             Batches are bucketed by size either way.
         extra_codes: names of further ``<name>.codes.npy`` members read into
             ``batch["<name>_codes"]`` (super-resolution triplets: ``[lowres]``).
+        crop: train on random ``crop`` x ``crop`` windows of the images (validation keeps whole
+            ones); None: whole images.
         shuffle_seed: seeds the training stream's order (with the epoch); resuming needs the same.
         max_failures: attempts in a row without a usable sample before reading stops with an
             error naming the shards and reasons.
@@ -113,6 +115,7 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_seed: int = 0,
         max_failures: int = 1000,
         extra_codes: Sequence[str] = (),
+        crop: int | None = None,
     ):
         super().__init__()
         if resampled and not samples_per_epoch:
@@ -127,6 +130,7 @@ class ShardDataModule(L.LightningDataModule):
         self.samples_per_epoch = samples_per_epoch
         sizes = [parse_resolution(r) for r in resolutions] if resolutions else None
         self.decoding = {"load_images": load_images, "load_codes": load_codes, "resolutions": sizes, "extra_codes": tuple(extra_codes)}
+        self.crop = crop
         self.position = StreamPosition(shuffle_seed)
         self.max_failures = max_failures
         self.skips: SkipCounter | None = None  # of the training stream, made with its loader
@@ -174,6 +178,7 @@ class ShardDataModule(L.LightningDataModule):
             batches_per_worker=batches_per_worker,
             position=self.position,
             batch_stage=self.batch_stage,
+            crop=self.crop,
             **self.decoding,
         )
         if batches_per_worker is not None:

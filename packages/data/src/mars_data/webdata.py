@@ -112,6 +112,7 @@ class SkipCounter:
         "bad_codes",  # codes.npy unreadable or not a 2-d integer grid
         "missing_member",  # no caption, image or codes member where one was asked for
         "untrained_size",  # codes of a grid that is not one of the model's resolutions
+        "small_image",  # smaller than the random crop asked for
         "bad_sample",  # anything else
     )
 
@@ -227,6 +228,25 @@ class SkipResumed:
     def __call__(self, batches: Iterable) -> Iterator:
         _, _, worker, num_workers = worker_info()
         yield from islice(batches, worker_share(self.position.skip(), worker, num_workers), None)
+
+
+class RandomCrop:
+    """Pipeline stage: a random ``size`` x ``size`` window of each image, drawn from this
+    epoch's seeded generator (a tokenizer sees large renders at their own scale for the cost of
+    small ones); an image smaller than the window is skipped."""
+
+    def __init__(self, size: int, position: StreamPosition, skips: SkipCounter):
+        self.size, self.position, self.skips = size, position, skips
+
+    def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
+        rng = self.position.rng("crops")
+        for sample in samples:
+            height, width = sample["image"].shape[-2:]
+            if height < self.size or width < self.size:
+                self.skips.skip(sample["url"], "small_image", f"sample {sample['key']}: {width}x{height} < crop {self.size}")
+                continue
+            top, left = rng.randint(0, height - self.size), rng.randint(0, width - self.size)
+            yield {**sample, "image": sample["image"][:, top : top + self.size, left : left + self.size]}
 
 
 def decode_image(data: bytes, resolutions: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
@@ -355,6 +375,7 @@ def shard_pipeline(
     position: StreamPosition | None = None,
     batch_stage=None,
     extra_codes: Sequence[str] = (),
+    crop: int | None = None,
 ) -> wds.DataPipeline:
     """The iterable of batches over ``urls``.
 
@@ -376,7 +397,12 @@ def shard_pipeline(
     stages.append(ShardReader(skips, select_files=None if load_images else is_not_an_image))
     if shuffle_buffer > 0:
         stages.append(SeededShuffle(position, "samples", shuffle_buffer, min(shuffle_buffer, 100)))
-    stages += [SampleDecoder(skips, load_images, load_codes, resolutions, extra_codes), BucketBatcher(batch_size)]
+    stages.append(SampleDecoder(skips, load_images, load_codes, resolutions, extra_codes))
+    if crop is not None:
+        if not load_images or load_codes:
+            raise ValueError("crop cuts images: it needs load_images and no codes (they would no longer match)")
+        stages.append(RandomCrop(crop, position, skips))
+    stages.append(BucketBatcher(batch_size))
     if batch_stage is not None:
         stages.append(lambda batches: batch_stage(batches, skips, position.rng("sequences")))
     pipeline = wds.DataPipeline(*stages)
