@@ -114,6 +114,7 @@ class SuperResPipeline:
                 stats.forward_passes += run.forward_passes
                 stats.tokens += run.tokens * len(chunk)
                 stats.accepted += run.accepted
+                stats.seconds += run.seconds
                 codes = torch.stack([codes_from_ids(row, rows, columns, self.model.vocab) for row in tokens.cpu()])
                 for i, image in zip(chunk, to_pil(self.vq_tokenizer.decode(codes))):
                     out[i] = image

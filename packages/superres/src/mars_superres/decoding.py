@@ -33,6 +33,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -49,6 +50,7 @@ class DecodeStats:
     forward_passes: int = 0
     tokens: int = 0  # tokens written: per row (the slots); summed over images by mars_app.cascade
     accepted: list[int] = field(default_factory=list)  # exact: per row and verifying pass, 1 + kept drafts; fast: K per pass
+    seconds: float = 0.0  # wall-clock of decoding alone (prompt pass included; no VQ, no text); summed by mars_app.cascade
 
     @property
     def mean_accepted_length(self) -> float:
@@ -202,12 +204,16 @@ def decode(
         if uncond_ids is None or len(uncond_ids) != B:
             raise ValueError(f"cfg_scale={cfg_scale} needs {B} unconditional prompts (uncond_ids)")
         input_ids, attention_mask = _stack_left_padded(input_ids, attention_mask, uncond_ids, uncond_attention_mask, model.vocab.pad)
+    start = time.perf_counter()
     policy = Policy(model, B, cfg_scale, temperature, top_k, top_p, generator, input_ids.device)
     stream = Stream(model, input_ids, attention_mask, N)
     run = _fast if mode == "fast" or K == 1 else _exact
     tokens, stats = run(model, stream, policy, list(slots), K, guided)
     stats.forward_passes = stream.forward_passes
     stats.tokens = N
+    if tokens.is_cuda:
+        torch.cuda.synchronize(tokens.device)  # the time of the work, not of queueing it
+    stats.seconds = time.perf_counter() - start
     return tokens, stats
 
 
