@@ -35,6 +35,7 @@ TOKENIZER = [
     "data.num_val_samples=0",
     "data.samples_per_shard=16",
     "data.size=32",
+    "data.crop=null",  # the recipe cuts 64 px windows of its 64 and 128 px renders
     "data.batch_size=8",
     "data.processes=1",
     "trainer.max_time=null",

@@ -87,6 +87,8 @@ def test_images_smaller_than_the_crop_are_skipped_and_counted(shard_dir):
     assert datamodule.skips.by_reason()["small_image"] == 60
     with pytest.raises(ValueError, match="crop"):
         ShardDataModule(str(shard_dir), batch_size=8, crop=32, load_codes=True).train_dataloader()
+    with pytest.raises(ValueError, match="crop=64 is larger than the smallest render"):  # known before any data is made
+        ShapesDataModule(str(shard_dir / "world"), size=[32, 128], crop=64)
 
 
 def test_image_pixels_match_the_render(shard_dir):

@@ -237,6 +237,10 @@ class ShapesDataModule(ShardDataModule):
             "samples_per_shard": samples_per_shard,
             "jitter": jitter,
         }
+        crop = loader.get("crop")
+        smallest = min([size] if isinstance(size, int) else size)
+        if crop is not None and crop > smallest:
+            raise ValueError(f"crop={crop} is larger than the smallest render (size {smallest}): every sample would be skipped")
         self.processes = processes
         self.splits = {"train": num_train_samples, "val": num_val_samples}
         train_dir = self.split_dir("train")
