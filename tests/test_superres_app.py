@@ -82,7 +82,7 @@ def test_stage3_experiment_has_the_papers_settings(make_cfg):
 def test_shapes_stage3_fits_and_exports_a_loadable_checkpoint(make_cfg, world):
     cfg = make_cfg([
         "experiment=shapes_stage3", f"model.base_path={world['base']}", f"data.train_shards={world['triplets']}",
-        "data.batch_size=8", "data.num_workers=1", "model.long_side=32", "model.tokens_per_step=4", "model.head_weights=[3,1,1,1]",
+        "data.batch_size=8", "data.num_workers=1", "model.long_side=32", "model.tokens_per_step=4",
         "trainer.max_steps=3", "trainer.max_time=null", "+callbacks.built._target_=tests.test_t2i.BatchesBuiltInWorkers",
     ])
     BatchesBuiltInWorkers.seen = []
@@ -93,6 +93,7 @@ def test_shapes_stage3_fits_and_exports_a_loadable_checkpoint(make_cfg, world):
     export = Path(cfg.paths.output_dir) / "superres"
     model = SuperResModel.from_pretrained(export)
     assert model.num_heads == 4 and model.config.lowres == ["16x16"] and model.config.long_side == 32
+    assert model.config.head_weights == [3.0, 1.0, 1.0, 1.0]  # the recipe's head1_share 0.5 at K_max 4
     assert (export / "tokenizer").is_dir() and (export / "text_tokenizer").is_dir()
     # trained: the type embedding moved off zero
     assert model.hires_embedding.abs().sum() > 0
@@ -165,7 +166,7 @@ def test_deepspeed_zero3_two_cpu_processes_fit_and_export(world, tmp_path):
     run_cli([
         "experiment=shapes_stage3", f"model.base_path={world['base']}", f"data.train_shards={world['triplets']}",
         "data.resampled=true", "data.samples_per_epoch=32", "data.batch_size=8", "data.num_workers=0",
-        "model.long_side=32", "model.tokens_per_step=2", "model.head_weights=null", "trainer.max_steps=2", "trainer.max_time=null",
+        "model.long_side=32", "model.tokens_per_step=2", "trainer.max_steps=2", "trainer.max_time=null",
         "trainer=deepspeed_zero3", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
         "hydra.run.dir=run",
     ], cwd=tmp_path)

@@ -87,6 +87,7 @@ class SuperResModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],  # partial: param groups -> optimizer
         tokens_per_step: int = 4,  # K_max: heads trained
         head_weights: list[float] | None = None,  # loss weight per head; None: all 1
+        head1_share: float | None = None,  # instead of head_weights: head 1's share of the summed weights, the others 1 each
         long_side: int = 1024,  # high-res long side in pixels
         image_positions: int = 0,  # learned image-offset rows (>= high-res tokens + 1); 0: as the base
         uncond_prob: float = 0.1,
@@ -104,6 +105,13 @@ class SuperResModule(L.LightningModule):
 
         base = read_base(base_path)
         self.base_path = Path(base_path)
+        if head1_share is not None:
+            if head_weights is not None:
+                raise ValueError("set head_weights or head1_share, not both")
+            if not 0 < head1_share < 1:
+                raise ValueError(f"head1_share must be in (0, 1), got {head1_share}")
+            rest = tokens_per_step - 1  # so any K_max keeps the share: 0.5 -> [7, 1, ..., 1] for 8 heads, [3, 1, 1, 1] for 4
+            head_weights = [head1_share / (1 - head1_share) * rest if rest else 1.0] + [1.0] * rest
         config = SuperResConfig(tokens_per_step, head_weights, long_side, image_positions, list(base["resolutions"]))
         self.model = SuperResModel.from_base(base_path, config, llm_path=llm_path)
         self.model.semvie.gradient_checkpointing_enable(gradient_checkpointing)
