@@ -31,9 +31,9 @@ def run(model, cond, uncond, slots, **options):
     )
 
 
-@pytest.mark.parametrize("image_positions", [0, 26])  # 26: the tightest table for 25 slots
-def test_exact_greedy_is_one_head_greedy_token_for_token(build_tiny_superres, image_positions):
-    model = build_tiny_superres(tokens_per_step=8, image_positions=image_positions)
+@pytest.mark.parametrize("image_positions,hints", [(0, False), (26, False), (26, True)])  # 26: the tightest table for 25 slots
+def test_exact_greedy_is_one_head_greedy_token_for_token(build_tiny_superres, image_positions, hints):
+    model = build_tiny_superres(tokens_per_step=8, image_positions=image_positions, aligned_hints=hints)
     cond, uncond = prompts(model)
     slots = seq.image_slots(4, 5, model.vocab, row_end=True)  # 25 slots, row ends and <image_end> placed
     reference, one = run(model, cond, uncond, slots, tokens_per_step=1, cfg_scale=1.5)
@@ -79,6 +79,31 @@ def test_fast_mode_makes_ceil_n_over_k_forward_passes(build_tiny_superres, K):
     assert tokens.shape == (2, len(slots))
     codes = seq.codes_from_ids(tokens[0], 4, 5, model.vocab)  # the layout's specials are in place
     assert codes.shape == (4, 5)
+
+
+@pytest.mark.parametrize("K", [1, 4])
+def test_decoding_reads_the_hints_training_reads(build_tiny_superres, K):
+    """Greedy fast decoding with aligned hints, teacher-forced through the training forward: every
+    drawn code is the argmax of the head that drew it (head k at the state k slots before)."""
+    model = build_tiny_superres(tokens_per_step=4, image_positions=30, aligned_hints=True)
+    cond, _ = prompts(model, rows=2, low=(2, 3))
+    slots = seq.image_slots(4, 6, model.vocab, row_end=True)  # a 2x3 grid under a 4x6 one
+    tokens, _ = decode(model, cond["input_ids"], slots, cond["attention_mask"], tokens_per_step=K, mode="fast")
+    full = torch.cat([cond["input_ids"], tokens], 1)
+    mask = torch.cat([cond["attention_mask"], torch.ones_like(tokens)], 1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    h = model(full, mask, positions).hidden
+    L = cond["input_ids"].shape[1]
+    hints = model.hints(full)
+    for slot, fixed in enumerate(slots):
+        if fixed is not None:
+            continue
+        k = slot % K + 1  # the head that drew it, at the state of slot - k
+        state = L - 1 + slot - k + 1
+        hint = hints.index(hints.slots()[:, state : state + 1, None] + torch.arange(2, K + 1))[:, 0]
+        logits = model.visual_logits(h[:, state], K, hint if K > 1 else None)[:, k - 1]
+        codes = slice(model.vocab.code_offset - model.vocab.text_size, model.vocab.special_offset - model.vocab.text_size)
+        assert torch.equal(model.vocab.codes_to_ids(logits[:, codes].argmax(-1)), tokens[:, slot]), slot
 
 
 def chi2_limit(df: int, z: float = 3.719) -> float:

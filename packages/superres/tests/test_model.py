@@ -11,7 +11,7 @@ from torch.testing import assert_close
 
 from mars_semvie import sequences as seq
 from mars_superres import SuperResConfig, SuperResModel, hires_size
-from mars_superres.model import WEIGHTS_NAME
+from mars_superres.model import WEIGHTS_NAME, LowresHints
 
 
 def batch(model: SuperResModel, rows: int = 3, low=(2, 2), high=(3, 4), seed: int = 0) -> dict:
@@ -90,6 +90,49 @@ def test_a_new_model_computes_what_the_base_does(build_tiny_superres):
     assert_close(logits[..., 2, :], logits[..., 0, :])
 
 
+def test_hints_map_each_hires_slot_to_the_lowres_code_under_it(build_tiny_superres):
+    model = build_tiny_superres(aligned_hints=True)
+    v = model.vocab
+    low = torch.tensor([[1, 2, 3], [4, 5, 6]])  # 2x3 under a 4x6 high-res grid
+    b = batch(model, rows=2, low=(2, 3), high=(4, 6))
+    ids = b["input_ids"].clone()
+    for row in ids:  # put the known low-res grid into both (left-padded) sequences
+        start = int((row == v.image_start).nonzero()[0])
+        row[start + 1 : start + 1 + 8] = torch.tensor(seq.image_ids(low, v, row_end=True)[:8])
+    hints = LowresHints(ids, v)
+    slots = torch.arange(-1, 4 * 7 + 2).expand(2, -1)
+    got = hints.index(slots)
+    none = v.num_codes
+    for s, index in zip(slots[0].tolist(), got[0].tolist()):
+        r, c = divmod(s, 7)
+        expected = low[r // 2, c // 2] if s >= 0 and r < 4 and c < 6 else none
+        assert index == expected, s
+    assert torch.equal(got[1], got[0])
+    # decoding reads the same from the prompt alone, the high-res grid given
+    prompt = [row[: int((row == v.image_start).nonzero()[1]) + 1] for row in ids]
+    p = seq.collate([x.tolist() for x in prompt], v)["input_ids"]
+    assert torch.equal(LowresHints(p, v, hires=(6, 4)).index(slots), got)
+    # training: each high-res input carries the hint of the slot after its own
+    h = hints.slots()
+    start = int((ids[0] == v.image_start).nonzero()[1])
+    assert h[0, start] == -1 and h[0, start + 1] == 0
+
+
+def test_hints_start_at_zero_and_learn(build_tiny_superres):
+    model = build_tiny_superres(tokens_per_step=3, aligned_hints=True, trained=False).train()
+    plain = build_tiny_superres(tokens_per_step=3, trained=False).train()
+    b = batch(model, low=(2, 2), high=(4, 4))
+    out = model(**b)
+    assert_close(out.loss, plain(**b).loss)  # zero tables: what the model without hints computes
+    model = build_tiny_superres(tokens_per_step=3, aligned_hints=True).train()  # heads' outputs no longer zero
+    out = model(**b)
+    out.loss.backward()
+    assert model.hint_embedding.weight.grad.abs().sum() > 0
+    assert model.head_hint_embedding.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="hint"):
+        model.visual_logits(out.hidden, 2)
+
+
 def test_image_offsets_grow_keeping_the_base_rows(build_tiny_semvie, perturb_weights):
     semvie = build_tiny_semvie(image_positions=8)
     perturb_weights(semvie)
@@ -103,13 +146,16 @@ def test_image_offsets_grow_keeping_the_base_rows(build_tiny_semvie, perturb_wei
         SuperResModel(build_tiny_semvie(image_positions=0), SuperResConfig(image_positions=20))
 
 
-def test_checkpoint_saves_and_loads(build_tiny_superres, tmp_path):
-    model = build_tiny_superres(tokens_per_step=4, image_positions=40, long_side=32, lowres=["16x16"])
+@pytest.mark.parametrize("hints", [False, True])
+def test_checkpoint_saves_and_loads(build_tiny_superres, tmp_path, hints):
+    model = build_tiny_superres(tokens_per_step=4, image_positions=40, long_side=32, lowres=["16x16"], aligned_hints=hints)
     model.save_pretrained(tmp_path / "sr", llm_path=None)
     weights = load_file(tmp_path / "sr" / WEIGHTS_NAME)
-    assert set(weights) == {"hires_embedding", *(f"extra_heads.{i}.{n}" for i in range(3) for n in ("norm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"))}
+    tables = {"hint_embedding.weight", "head_hint_embedding.weight"} if hints else set()
+    assert set(weights) == {"hires_embedding", *tables, *(f"extra_heads.{i}.{n}" for i in range(3) for n in ("norm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"))}
     config = json.loads((tmp_path / "sr" / "superres_config.json").read_text())
     assert config["tokens_per_step"] == 4 and config["long_side"] == 32 and config["lowres"] == ["16x16"]
+    assert config["aligned_hints"] is hints
     loaded = SuperResModel.from_pretrained(tmp_path / "sr")
     assert loaded.semvie.config.image_positions == 40
     b = batch(model)

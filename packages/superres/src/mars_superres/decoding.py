@@ -27,6 +27,9 @@
   rows of a prompt are fed the same tokens and share the decision. (Sharing the smallest kept
   count over the batch instead cut the tokens per pass of a tiny trained model at K=4 from
   2.98 for one row to 1.28 for 40 rows: docs/LOG.md.)
+- **Aligned hints** (models trained with them, ``SuperResModel`` docstring): every fed token
+  carries the hint of the slot after its own, and heads 2..K the hints of their target slots,
+  from the slot each row has reached.
 - Head 1 here is the vision head restricted to the image slot's ids (codes): the same
   distribution as SemVIE's full multimodal softmax restricted to them.
 """
@@ -61,9 +64,13 @@ class DecodeStats:
 class Stream:
     """A left-padded batch on the KV cache: feed tokens, keep each row's first few of them."""
 
-    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int):
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, slots: Sequence[int | None]):
         B, L = input_ids.shape
+        max_new_tokens = len(slots)
         self.model = model
+        row_end = model.vocab.image_row_end
+        columns = next((i for i, slot in enumerate(slots) if slot is not None), len(slots))
+        self.hints = model.hints(input_ids, (columns, max(1, sum(slot == row_end for slot in slots))))
         self.mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.long()
         positions = (
             torch.arange(L, device=input_ids.device).expand(B, L)
@@ -75,10 +82,22 @@ class Stream:
         self.cache = model.semvie.new_cache(B, L + 2 * max_new_tokens + 16)
         self.offsets = model.semvie.image_position is not None
         self.forward_passes = 1
-        self.h = model.hidden(input_ids, self.mask, positions, cache=self.cache)[:, -1:]
+        hint = None
+        if self.hints is not None:  # the prompt's last token is the high-res <image_start> (slot -1): slot 0's hint
+            hint = torch.full_like(input_ids, -1)
+            hint[:, -1] = self.hints.index(torch.zeros(B, dtype=torch.long, device=input_ids.device))
+        self.h = model.hidden(input_ids, self.mask, positions, cache=self.cache, hint=hint)[:, -1:]
 
-    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens (rows, n) after each row's last kept one; their final hidden states (rows, n, hidden)."""
+    def logits(self, h: torch.Tensor, heads: int, slots: torch.Tensor) -> torch.Tensor:
+        """``model.visual_logits`` of states h (rows, ..., hidden) at high-res ``slots`` (rows, ...)."""
+        hint = None
+        if self.hints is not None and heads > 1:
+            hint = self.hints.index(slots.unsqueeze(-1) + torch.arange(2, heads + 1, device=slots.device))
+        return self.model.visual_logits(h, heads, hint)
+
+    def feed(self, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Tokens (rows, n) after each row's last kept one, at high-res ``slots`` (rows, n); their
+        final hidden states (rows, n, hidden)."""
         n = tokens.shape[1]
         if self.cache.length + n > self.cache.max_length:
             self.compact()
@@ -87,7 +106,8 @@ class Stream:
             self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), n)], dim=1)
         self.before = (self.last, self.cache.image_offset.clone() if self.offsets else None)
         hires = torch.ones_like(tokens, dtype=torch.bool)  # everything fed after the prompt is high-res
-        self.h = self.model.hidden(tokens, self.mask, positions, cache=self.cache, hires=hires)
+        hint = None if self.hints is None else self.hints.index(slots + 1)
+        self.h = self.model.hidden(tokens, self.mask, positions, cache=self.cache, hires=hires, hint=hint)
         self.last = positions[:, -1:]
         self.forward_passes += 1
         return self.h
@@ -206,7 +226,7 @@ def decode(
         input_ids, attention_mask = _stack_left_padded(input_ids, attention_mask, uncond_ids, uncond_attention_mask, model.vocab.pad)
     start = time.perf_counter()
     policy = Policy(model, B, cfg_scale, temperature, top_k, top_p, generator, input_ids.device)
-    stream = Stream(model, input_ids, attention_mask, N)
+    stream = Stream(model, input_ids, attention_mask, slots)
     run = _fast if mode == "fast" or K == 1 else _exact
     tokens, stats = run(model, stream, policy, list(slots), K, guided)
     stats.forward_passes = stream.forward_passes
@@ -229,11 +249,13 @@ def _both(tokens: torch.Tensor, guided: bool) -> torch.Tensor:
 def _fast(model, stream: Stream, policy: Policy, slots: list, K: int, guided: bool):
     """K tokens per pass, each from its own head at the last position (K=1: plain decoding)."""
     B, N, device = policy.batch, len(slots), stream.h.device
+    rows = len(stream.h)
     out, sizes = [], []
     while True:
         n = min(K, N - len(out))
         sizes.append(n)
-        scores = policy.scores(model.visual_logits(stream.h[:, -1], n))  # (B, n, C)
+        state = torch.full((rows,), len(out) - 1, device=device)  # the slot of the last token fed
+        scores = policy.scores(stream.logits(stream.h[:, -1], n, state))  # (B, n, C)
         drawn = policy.to_ids(scores.argmax(-1) if policy.greedy else policy.draw(policy.probs(scores)))
         step = [
             _forced(slots[len(out) + j], B, device) if slots[len(out) + j] is not None else drawn[:, j]
@@ -242,7 +264,7 @@ def _fast(model, stream: Stream, policy: Policy, slots: list, K: int, guided: bo
         out += step
         if len(out) == N:
             break
-        stream.feed(_both(torch.stack(step, dim=1), guided))
+        stream.feed(_both(torch.stack(step, dim=1), guided), torch.arange(len(out) - n, len(out), device=device).expand(rows, n))
     return torch.stack(out, dim=1), DecodeStats(accepted=sizes)
 
 
@@ -262,8 +284,9 @@ def _exact(model, stream: Stream, policy: Policy, slots: list, K: int, guided: b
         return torch.where(fixed >= 0, fixed, tokens)
 
     def propose(h: torch.Tensor):
-        """Drafts (B, K-1) for slots pos+1.. and their q (B, K-1, C) from heads 2..K at states h (rows, hidden)."""
-        scores = policy.scores(model.visual_logits(h, K)[..., 1:, :])  # (B, K-1, C)
+        """Drafts (B, K-1) for slots pos+1.. and their q (B, K-1, C) from heads 2..K at states h
+        (rows, hidden), those of each row's last token (slot pos - 1)."""
+        scores = policy.scores(stream.logits(h, K, _both(pos - 1, guided))[..., 1:, :])  # (B, K-1, C)
         at = pos[:, None] + 1 + torch.arange(K - 1, device=device)
         if policy.greedy:
             return place(policy.to_ids(scores.argmax(-1)), at), None
@@ -271,7 +294,7 @@ def _exact(model, stream: Stream, policy: Policy, slots: list, K: int, guided: b
         return place(policy.to_ids(policy.draw(q)), at), q
 
     h = stream.h[:, -1]
-    c = place(policy.to_ids(policy.pick(policy.scores(model.visual_logits(h, 1)[:, 0]))), pos)
+    c = place(policy.to_ids(policy.pick(policy.scores(stream.logits(h, 1, _both(pos - 1, guided))[:, 0]))), pos)
     drafts, q = propose(h)
     n = K - 1
     while True:
@@ -284,8 +307,9 @@ def _exact(model, stream: Stream, policy: Policy, slots: list, K: int, guided: b
         # past a row's last slot (a finished row, drafts past the end) a text token fills the
         # block: it becomes a hole, and as a text token it takes no image offset beyond the table
         beyond = ~active[:, None] | (pos[:, None] - 1 + torch.arange(1 + n, device=device) >= N)
-        h = stream.feed(_both(fed.masked_fill(beyond, FILLER), guided))  # (rows, 1 + n, hidden)
-        p_scores = policy.scores(model.visual_logits(h, 1)[..., 0, :])  # (B, 1 + n, C): head 1 after each fed token
+        fed_slots = _both(pos[:, None] - 1 + torch.arange(1 + n, device=device), guided)
+        h = stream.feed(_both(fed.masked_fill(beyond, FILLER), guided), fed_slots)  # (rows, 1 + n, hidden)
+        p_scores = policy.scores(stream.logits(h, 1, fed_slots)[..., 0, :])  # (B, 1 + n, C): head 1 after each fed token
         at = pos[:, None] + torch.arange(n, device=device)  # the drafts' slots
         index = drafts - policy.codes.start - policy.T  # code index (placed ids fall outside, unused)
         fixed = placed[at.clamp(max=N + K - 1)] >= 0

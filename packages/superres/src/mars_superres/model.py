@@ -38,6 +38,16 @@ Design choices:
   bounds K=4 fast decoding at K*L/(L+K-1) = 2.3x, below the 2.5x target. ``mlp_k`` is a
   copy of the last visual expert FFN (``norm_k`` of the last layer's post-attention norm)
   with its output projection zeroed: at the start head k predicts what head 1 predicts.
+- **Aligned low-res hints** (``aligned_hints``; our addition, not in the paper): a learned
+  vector per low-res code (``hint_embedding``, zero at the start) is added to the input of
+  every high-res token, namely the vector of the low-res code that lies under the *next*
+  high-res slot (the one this position predicts; row ends and ``<image_end>`` get a vector of
+  their own). Heads k >= 2 get the same for their own target slot, k - 1 further on
+  (``head_hint_embedding``, added to h before their MLP). Super-resolution is local: the
+  high-res code at (r, c) mostly depends on the low-res code at (r * h // H, c * w // W).
+  Without the hint the model must learn to find that code by attention over the whole
+  prompt, from 1-D positions; with it, the code is in every high-res input. On the shapes
+  world at equal steps this is what lifts the cascade to the base images' scores (docs/LOG.md).
 - **Loss** = sum over heads of ``head_weights[k] * cross-entropy`` on the high-res span
   (codes, row ends, ``<image_end>``), each head on the positions whose target k tokens
   on is in the span. One model trained with K_max heads serves every K <= K_max.
@@ -73,6 +83,7 @@ class SuperResConfig:
     long_side: int = 1024  # high-res long side in pixels (aspect ratio kept): 1024 in the paper, 128 shapes
     image_positions: int = 0  # rows of the learned image-offset table (>= high-res tokens + 1); 0: as the base
     lowres: list[str] = field(default_factory=lambda: ["256x256"])  # "WxH" low-res inputs (the base's sizes)
+    aligned_hints: bool = False  # the low-res code under each high-res target slot added to the inputs and heads (docstring)
 
     def __post_init__(self):
         if self.tokens_per_step < 1:
@@ -118,8 +129,53 @@ def build_triplet(text_ids: list[int], lowres_codes: torch.Tensor, hires_codes: 
     return seq.build_t2i(context, hires_codes, vocab, row_end=True)
 
 
+class LowresHints:
+    """Which low-res code lies under each high-res slot, for the rows of a batch.
+
+    Reads the low-res grid of each row from its first image span (``input_ids``: a training
+    sequence or a decoding prompt; rows may differ in size and padding). The high-res grid is
+    read from the second span, or given (``hires``: (columns, rows)) when decoding, whose
+    prompt ends at the high-res ``<image_start>``. Slot s of the high-res span (stage II
+    layout: W codes and a row end per row, then ``<image_end>``; s = 0 is the first code) maps
+    to the low-res code at (r * h // H, c * w // W) for r, c = divmod(s, W + 1); row ends, the
+    ``<image_end>`` and slots past it map to ``none`` (= the codebook size)."""
+
+    def __init__(self, input_ids: torch.Tensor, vocab, hires: tuple[int, int] | None = None):
+        self.none = vocab.num_codes
+        span = (input_ids == vocab.image_start).long().cumsum(1)
+        code, row_end = vocab.is_code(input_ids), input_ids == vocab.image_row_end
+        low = (span == 1) & code
+        self.h = ((span == 1) & row_end).sum(1).clamp(min=1)
+        self.w = (low.sum(1) // self.h).clamp(min=1)
+        order = torch.sort(low.long(), dim=1, descending=True, stable=True).indices[:, : max(1, int(low.sum(1).max()))]
+        self.codes = input_ids.gather(1, order) - vocab.code_offset  # (B, n) row-major; past a row's own n: unused
+        if hires is None:
+            self.H = ((span == 2) & row_end).sum(1).clamp(min=1)
+            self.W = (((span == 2) & code).sum(1) // self.H).clamp(min=1)
+        else:
+            self.W, self.H = (torch.full_like(self.h, n) for n in hires)
+        # slot of every position of a training sequence (arithmetic, so also before the span)
+        self.start = (span >= 2).long().argmax(1)  # the high-res <image_start>
+        self.hires = span >= 2
+
+    def index(self, slots: torch.Tensor) -> torch.Tensor:
+        """Hint indices (B, ...) of high-res slots (B, ...): a low-res code, or ``none``."""
+        expand = (-1,) + (1,) * (slots.dim() - 1)
+        W, H, w, h = (t.view(expand) for t in (self.W, self.H, self.w, self.h))
+        r, c = slots.div(W + 1, rounding_mode="floor"), slots.remainder(W + 1)
+        valid = (slots >= 0) & (r < H) & (c < W)
+        flat = ((r.clamp(0) * h // H).clamp(max=h - 1) * w + (c * w // W).clamp(max=w - 1)).clamp(0, self.codes.shape[1] - 1)
+        picked = self.codes.gather(1, flat.reshape(len(flat), -1)).view_as(slots)
+        return torch.where(valid, picked, torch.full_like(slots, self.none))
+
+    def slots(self) -> torch.Tensor:
+        """(B, L) the high-res slot of each position of the sequences read (``<image_start>``: -1)."""
+        L = self.hires.shape[1]
+        return torch.arange(L, device=self.start.device) - self.start[:, None] - 1
+
+
 class ResidualHead(nn.Module):
-    """Head k >= 2 before the shared output projection: z = h + mlp(norm(h))."""
+    """Head k >= 2 before the shared output projection: z = h + mlp(norm(h + hint))."""
 
     def __init__(self, norm: nn.Module, mlp: nn.Module):
         super().__init__()
@@ -130,8 +186,8 @@ class ResidualHead(nn.Module):
             if self.mlp.down_proj.bias is not None:
                 self.mlp.down_proj.bias.zero_()
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.mlp(self.norm(h))
+    def forward(self, h: torch.Tensor, hint: torch.Tensor | None = None) -> torch.Tensor:
+        return h + self.mlp(self.norm(h if hint is None else h + hint))
 
 
 class SuperResModel(nn.Module):
@@ -149,6 +205,13 @@ class SuperResModel(nn.Module):
         norm = semvie.llm.model.layers[-1].post_attention_layernorm
         self.extra_heads = nn.ModuleList(ResidualHead(norm, last.mlp) for _ in range(config.tokens_per_step - 1))
         self.extra_heads.requires_grad_(True)
+        self.hint_embedding = self.head_hint_embedding = None
+        if config.aligned_hints:  # rows: the codebook, then ``none`` (row ends, <image_end>); zero: no effect at the start
+            rows = self.vocab.num_codes + 1
+            self.hint_embedding = nn.Embedding(rows, hidden, device=ref.device, dtype=ref.dtype)
+            self.head_hint_embedding = nn.Embedding(rows, hidden, device=ref.device, dtype=ref.dtype)
+            nn.init.zeros_(self.hint_embedding.weight)
+            nn.init.zeros_(self.head_hint_embedding.weight)
         self._grow_image_positions(config.image_positions)
 
     def _grow_image_positions(self, rows: int) -> None:
@@ -191,26 +254,45 @@ class SuperResModel(nn.Module):
         return (input_ids == self.vocab.image_start).long().cumsum(1) >= 2
 
     # ---------------------------------------------------------------------------- forward
-    def hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None, hires=None) -> torch.Tensor:
+    def hints(self, input_ids: torch.Tensor, hires: tuple[int, int] | None = None) -> LowresHints | None:
+        """The low-res hints of these sequences (None when the model has none); ``hires``
+        (columns, rows) of the high-res grid when it is not in ``input_ids`` (decoding)."""
+        return LowresHints(input_ids, self.vocab, hires) if self.config.aligned_hints else None
+
+    def hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None, hires=None, hint=None) -> torch.Tensor:
         """Final hidden states (B, L, hidden); ``hires`` (B, L) marks high-res tokens (default:
-        from the layout; decoding passes it, since its new tokens follow a cached prompt)."""
+        from the layout; decoding passes it, since its new tokens follow a cached prompt);
+        ``hint`` (B, L) the hint index of each token, -1 for none (default: from the layout,
+        for whole training sequences)."""
         hires = self.hires_span(input_ids) if hires is None else hires
         offset = hires.unsqueeze(-1).to(self.hires_embedding.dtype) * self.hires_embedding
+        if self.hint_embedding is not None:
+            if hint is None:
+                hints = self.hints(input_ids)
+                hint = torch.where(hires, hints.index(hints.slots() + 1), -1)
+            offset = offset + (hint >= 0).unsqueeze(-1).to(offset.dtype) * self.hint_embedding(hint.clamp(min=0))
         out = self.semvie(
             input_ids, attention_mask, position_ids, cache=cache, return_logits=False,
             embedding_offset=offset, return_hidden=True,
         )
         return out.hidden
 
-    def visual_logits(self, h: torch.Tensor, heads: int) -> torch.Tensor:
+    def head_hint(self, hint: torch.Tensor | None) -> torch.Tensor | None:
+        return None if hint is None or self.head_hint_embedding is None else self.head_hint_embedding(hint)
+
+    def visual_logits(self, h: torch.Tensor, heads: int, hint: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the first ``heads`` heads over the visual rows of the vocabulary
-        (``vocab.visual_size``; id = text_size + index): (..., heads, visual_size).
+        (``vocab.visual_size``; id = text_size + index): (..., heads, visual_size). ``hint``
+        (..., heads - 1): the hint indices of heads 2..K's target slots (aligned hints).
 
         Head 1 here is the vision head alone: restricted to visual ids (what an image slot may
         draw) its distribution is exactly that of the full multimodal softmax."""
         if not 1 <= heads <= self.num_heads:
             raise ValueError(f"tokens_per_step={heads}: this model has heads 1..{self.num_heads}")
-        states = [h] + [head(h) for head in self.extra_heads[: heads - 1]]
+        if heads > 1 and self.head_hint_embedding is not None and hint is None:
+            raise ValueError("this model reads aligned low-res hints: pass the heads' hint indices")
+        extra = self.head_hint(hint)
+        states = [h] + [head(h, None if extra is None else extra[..., k, :]) for k, head in enumerate(self.extra_heads[: heads - 1])]
         return self.semvie.vision_head(torch.stack(states, dim=-2))
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, heads: int | None = None) -> SuperResOutput:
@@ -219,7 +301,9 @@ class SuperResModel(nn.Module):
         Head 1 at position t predicts labels[t+1] over the whole multimodal vocabulary (SemVIE's
         own head: the plain next-token loss); head k predicts labels[t+k] over the visual rows."""
         heads = heads or self.num_heads
-        h = self.hidden(input_ids, attention_mask, position_ids)
+        hints = self.hints(input_ids)
+        hint = None if hints is None else torch.where(self.hires_span(input_ids), hints.index(hints.slots() + 1), -1)
+        h = self.hidden(input_ids, attention_mask, position_ids, hint=hint)
         if labels is None:
             return SuperResOutput(hidden=h)
         labels = labels.to(h.device)
@@ -234,7 +318,8 @@ class SuperResModel(nn.Module):
                 logits = self.semvie._heads(states)  # SemVIE's own head: exactly its next-token loss
                 goal = targets[selected]
             else:
-                logits = self.semvie.vision_head(self.extra_heads[k - 2](states))
+                extra = None if hints is None else self.head_hint(hints.index(hints.slots()[:, :-k] + k)[selected])
+                logits = self.semvie.vision_head(self.extra_heads[k - 2](states, extra))
                 goal = targets[selected] - T
                 if bool((goal < 0).any()):
                     raise ValueError("next-K-token targets must be visual tokens (the high-res span)")

@@ -90,6 +90,7 @@ class SuperResModule(L.LightningModule):
         head1_share: float | None = None,  # instead of head_weights: head 1's share of the summed weights, the others 1 each
         long_side: int = 1024,  # high-res long side in pixels
         image_positions: int = 0,  # learned image-offset rows (>= high-res tokens + 1); 0: as the base
+        aligned_hints: bool = True,  # the low-res code under each high-res target added to inputs and heads (SuperResModel)
         uncond_prob: float = 0.1,
         gradient_checkpointing: bool = False,
         warmup_ratio: float = 0.01,
@@ -112,7 +113,7 @@ class SuperResModule(L.LightningModule):
                 raise ValueError(f"head1_share must be in (0, 1), got {head1_share}")
             rest = tokens_per_step - 1  # so any K_max keeps the share: 0.5 -> [7, 1, ..., 1] for 8 heads, [3, 1, 1, 1] for 4
             head_weights = [head1_share / (1 - head1_share) * rest if rest else 1.0] + [1.0] * rest
-        config = SuperResConfig(tokens_per_step, head_weights, long_side, image_positions, list(base["resolutions"]))
+        config = SuperResConfig(tokens_per_step, head_weights, long_side, image_positions, list(base["resolutions"]), aligned_hints)
         self.model = SuperResModel.from_base(base_path, config, llm_path=llm_path)
         self.model.semvie.gradient_checkpointing_enable(gradient_checkpointing)
         self.text_tokenizer = AutoTokenizer.from_pretrained(self.base_path / TEXT_TOKENIZER_DIR)
