@@ -116,9 +116,11 @@ def run_steps(steps: list[Step | tuple[Step | list[Step], ...]], out: Path) -> N
 
         def launch(lane: list[Step], active_lanes: int):
             # the cores are shared among the lanes still running: a step that starts after
-            # another lane finished gets its threads too
-            threads = max(1, (os.cpu_count() or 1) // active_lanes)
-            env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if side_by_side else None
+            # another lane finished gets its threads too, and a training step may grow back to
+            # all cores when its neighbour finishes (AdaptiveThreads' max_threads)
+            cores = os.cpu_count() or 1
+            threads = max(1, cores // active_lanes)
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MARS_MAX_THREADS": str(cores)} if side_by_side else None
             step = lane.pop(0)
             command = [sys.executable, *step.args()]
             if step.resume_from is not None and step.resume_from.exists():

@@ -68,6 +68,19 @@ def test_one_thread_leaves_it_alone():
         torch.set_num_threads(before)
 
 
+def test_a_job_started_on_fewer_threads_can_grow_to_its_maximum():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as apps/demo.py starts a job beside another
+    try:
+        chooser = AdaptiveThreads(every_n_steps=12, probe_steps=1, first_step=0, max_threads=2)
+        fit([chooser], steps=6)
+        assert chooser.counts == [2, 1] and sorted(chooser.times) == [1, 2]
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="max_threads >= 1"):
+        AdaptiveThreads(max_threads=0)
     with pytest.raises(ValueError, match="every_n_steps > 0"):
         AdaptiveThreads(every_n_steps=0)

@@ -33,15 +33,20 @@ class AdaptiveThreads(Callback):
 
     Each count gets one step to settle (the first after a change pays for new threads), then
     ``probe_steps`` timed steps; their median decides. The count is logged as ``threads``. CPU
-    only: with another accelerator, or one thread to begin with, it does nothing. A change of count
+    only: with another accelerator, or one thread to try, it does nothing. ``max_threads``: the
+    most threads tried (None: torch's count at the start). ``apps/demo.py`` starts the jobs it
+    runs side by side with a share of the cores and the cores as their maximum
+    (``MARS_MAX_THREADS``, read by ``conf/callbacks/adaptive_threads.yaml``), so a job whose
+    neighbour has finished takes the freed core at its next probe. A change of count
     changes a step's numbers in the last bits (how sums are split across threads), so it is not in
     the default callbacks: the shapes recipes, made for busy CPUs, add it."""
 
-    def __init__(self, every_n_steps: int = 500, probe_steps: int = 5, first_step: int = 20) -> None:
-        if every_n_steps <= 0 or probe_steps <= 0 or first_step < 0:
-            raise ValueError(f"AdaptiveThreads needs every_n_steps > 0, probe_steps > 0, first_step >= 0; got "
-                             f"{every_n_steps}, {probe_steps}, {first_step}")
+    def __init__(self, every_n_steps: int = 500, probe_steps: int = 5, first_step: int = 20, max_threads: int | None = None) -> None:
+        if every_n_steps <= 0 or probe_steps <= 0 or first_step < 0 or (max_threads is not None and max_threads < 1):
+            raise ValueError(f"AdaptiveThreads needs every_n_steps > 0, probe_steps > 0, first_step >= 0, max_threads >= 1; got "
+                             f"{every_n_steps}, {probe_steps}, {first_step}, {max_threads}")
         self.every_n_steps, self.probe_steps, self.first_step = every_n_steps, probe_steps, first_step
+        self.max_threads = max_threads
         self.counts: list[int] = []
         self.next_probe = first_step  # the global step at which the next probe starts
         self.probe: list[int] = []  # counts still to measure in the running probe
@@ -50,7 +55,7 @@ class AdaptiveThreads(Callback):
         self.start = 0.0
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        available = torch.get_num_threads()
+        available = self.max_threads or torch.get_num_threads()
         self.counts = candidate_counts(available) if isinstance(trainer.accelerator, CPUAccelerator) and available > 1 else []
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
