@@ -4,8 +4,8 @@ Runs the project's own commands in order, printing each before it runs, so that 
 can be repeated by hand: held-out prompts and their scenes, the VQ tokenizer and the text LLM
 (side by side: they do not depend on each other, and two one-thread jobs use 2 cores better
 than one two-thread job; the tokenizer's pre-tokenized shards follow it in its lane, the
-128 px renders for stage III the LLM in its), the super-resolution triplets, MARS stage I,
-stage III, generation and evaluation on the held-out prompts at 64 px and through the cascade
+128 px renders for stage III the LLM in its), the super-resolution triplets beside MARS
+stage I, stage III, generation and evaluation on the held-out prompts at 64 px and through the cascade
 at 128 px, a sample grid, and captions of the held-out scenes, scored. A finished step leaves
 ``<out_dir>/.done/<step>`` and is skipped on the next run; an interrupted training step
 resumes from its last checkpoint. Data lives in ``<out_dir>/data``, each training run in
@@ -72,9 +72,11 @@ def demo_steps(cfg: DictConfig, out: Path) -> list[Step | tuple[Step, ...]]:
              Step("renders_128", lambda: ["-m", "mars_data.shapes", "shards", "--out", str(data / "shapes128"),
                                           "--num-samples", str(cfg.superres_samples), "--size", "128", "--seed", str(cfg.seed)])],
         ),
-        Step("triplets", lambda: [str(APPS / "superres_shards.py"), f"tokenizer={tokenizer}", f"input={data / 'shapes128'}",
-                                  f"output={triplets}", f"hydra.run.dir={out / 'triplets'}"]),
-        train_step("stage1", [*cfg.stage1, f"model.llm_path={llm}", f"model.tokenizer_path={tokenizer}"], out, cfg.seed),
+        (  # stage III's triplets beside stage I (which takes the second core when they are written)
+            Step("triplets", lambda: [str(APPS / "superres_shards.py"), f"tokenizer={tokenizer}", f"input={data / 'shapes128'}",
+                                      f"output={triplets}", f"hydra.run.dir={out / 'triplets'}"]),
+            train_step("stage1", [*cfg.stage1, f"model.llm_path={llm}", f"model.tokenizer_path={tokenizer}"], out, cfg.seed),
+        ),
         train_step("stage3", [*cfg.stage3, f"model.base_path={ckpt}", f"data.train_shards={triplets}"], out, cfg.seed),
         Step("samples", lambda: [str(APPS / "generate.py"), f"ckpt={ckpt}", f"prompts={write_sample_prompts(cfg, out)}", *cascade,
                                  "save_base=true", f"out={out / 'samples'}", "grid=true", "overwrite=true",

@@ -17,6 +17,7 @@ def test_demo_steps_are_the_projects_own_commands(make_cfg, tmp_path):
     groups = demo_steps(cfg, tmp_path)
     tokenizer_lane, lm_lane = groups[2]  # independent: side by side
     assert [s.name for s in tokenizer_lane] == ["tokenizer", "codes"] and [s.name for s in lm_lane] == ["lm", "renders_128"]
+    assert [s.name for s in groups[3]] == ["triplets", "stage1"]  # side by side too
     steps = [s for g in groups for e in (g if isinstance(g, tuple) else (g,)) for s in (e if isinstance(e, list) else [e])]
     assert [s.name for s in steps][:8] == ["eval_prompts", "eval_scenes", "tokenizer", "codes", "lm", "renders_128", "triplets", "stage1"]
     assert [s.name for s in steps][-2:] == ["captions", "evaluate_captions"]
@@ -50,12 +51,14 @@ def test_a_rerun_skips_finished_steps_and_resumes_training_from_its_checkpoint(t
 
 
 def test_steps_side_by_side_share_the_cores_and_log_to_files(tmp_path):
-    script = "import os, sys; print(sys.argv[1], os.environ['OMP_NUM_THREADS'])"
+    script = "import os, sys; print(sys.argv[1], os.environ['OMP_NUM_THREADS'], os.environ['MARS_MAX_THREADS'])"
     write = lambda name: Step(name, lambda: ["-c", script, name])
     run_steps([(write("a"), write("b"))], tmp_path)
+    cores = str(os.cpu_count() or 1)
     threads = str(max(1, (os.cpu_count() or 1) // 2))
-    assert (tmp_path / "a.log").read_text().split() == ["a", threads]
-    assert (tmp_path / "b.log").read_text().split() == ["b", threads]
+    # a share of the cores, all of them as the most a training step's AdaptiveThreads tries
+    assert (tmp_path / "a.log").read_text().split() == ["a", threads, cores]
+    assert (tmp_path / "b.log").read_text().split() == ["b", threads, cores]
     assert (tmp_path / ".done" / "a").exists() and (tmp_path / ".done" / "b").exists()
 
     # a lane: "f" starts when "e" has finished, while "g" runs beside them
@@ -71,8 +74,8 @@ def test_steps_side_by_side_share_the_cores_and_log_to_files(tmp_path):
     wait_done = f"import os, time\nwhile not os.path.exists({str(tmp_path / '.done' / 'quick')!r}):\n    time.sleep(0.1)\n"
     waits = Step("waits", lambda: ["-c", wait_done])
     run_steps([([waits, write("next")], write("quick"))], tmp_path)
-    assert (tmp_path / "quick.log").read_text().split() == ["quick", threads]
-    assert (tmp_path / "next.log").read_text().split() == ["next", str(os.cpu_count() or 1)]
+    assert (tmp_path / "quick.log").read_text().split() == ["quick", threads, cores]
+    assert (tmp_path / "next.log").read_text().split() == ["next", cores, cores]
 
     fail = Step("c", lambda: ["-c", "raise SystemExit(3)"])
     with pytest.raises(SystemExit, match="c \\(exit 3"):
