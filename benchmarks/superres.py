@@ -17,7 +17,8 @@ training job uses it) are drawn at 64 px by the base model once, then upscaled b
 and scored at 128 px by the shapes evaluator (single / pair / spatial per language, the base
 images' scores beside them); and ground-truth 64 px renders are upscaled by each variant, by
 nearest-neighbour and by bicubic resizing: the share of pixels whose palette colour equals
-the exact 128 px render's (``mars_data.shapes.scoring.classify_pixels``).
+the exact 128 px render's (``mars_data.shapes.scoring.classify_pixels``), with the tokenizer's
+round trip of the exact 128 px renders beside them: the ceiling of any model that writes codes.
 
 One torch thread by default (see benchmarks/generation.py); ``--threads 2`` on a quiet machine.
 """
@@ -101,6 +102,7 @@ def speed(model, args) -> None:
 
 def trained(args) -> None:
     from mars_app.cascade import Cascade
+    from mars_app.pipeline import to_pil
     from mars_data import shapes
     from mars_data.shapes.scoring import classify_pixels
 
@@ -135,6 +137,11 @@ def trained(args) -> None:
     print(f"base images ({low_size[0]}x{low_size[1]}), single/pair/spatial: {scores(base)}")
     for name, method in (("nearest", Image.NEAREST), ("bicubic", Image.BICUBIC)):
         print(f"palette match from {low_size[0]}x{low_size[1]} renders, {name}: {palette_match([im.resize(high_size, method) for im in renders_low]):.4f}")
+    # the ceiling of any super-resolution through this tokenizer: the exact high-res render, encoded and decoded
+    vq = cascade.superres.vq_tokenizer
+    with torch.no_grad():
+        round_trip = to_pil(vq.decode(cascade.superres.encode([shapes.render(r["scene"], *high_size) for r in records])))
+    print(f"palette match of the tokenizer's round trip of the exact {high_size[0]}x{high_size[1]} renders (the ceiling): {palette_match(round_trip):.4f}")
     base_time, base_decode = statistics.median(times[1, "exact"]), statistics.median(decode_times[1, "exact"])
     one = outputs[1, "exact"]
     print(f"batches of {args.batch_size} images, median of {args.rounds} rounds; decoding: the high-res tokens alone; "
