@@ -48,7 +48,7 @@ def world(checkpoints, tmp_path_factory) -> dict[str, Path]:
     ))
     superres_shards(cfg)
     # an untrained super-resolution checkpoint (randomised heads) for the cascade
-    module = SuperResModule(str(root / "base"), partial(torch.optim.AdamW), tokens_per_step=4, long_side=32, image_positions=80)
+    module = SuperResModule(str(root / "base"), partial(torch.optim.AdamW), tokens_per_step=4, long_side=32, image_positions=80, aligned_hints=True)
     perturb = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in module.model.parameters():

@@ -90,7 +90,7 @@ class SuperResModule(L.LightningModule):
         head1_share: float | None = None,  # instead of head_weights: head 1's share of the summed weights, the others 1 each
         long_side: int = 1024,  # high-res long side in pixels
         image_positions: int = 0,  # learned image-offset rows (>= high-res tokens + 1); 0: as the base
-        aligned_hints: bool = True,  # the low-res code under each high-res target added to inputs and heads (SuperResModel)
+        aligned_hints: bool = False,  # the low-res code under each high-res target added to inputs and heads (SuperResModel; not the paper's)
         uncond_prob: float = 0.1,
         gradient_checkpointing: bool = False,
         warmup_ratio: float = 0.01,
