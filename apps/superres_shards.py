@@ -6,8 +6,11 @@ img2dataset layout) becomes a (low-res codes, caption, high-res codes) triplet:
 - high-res size: the low-res size's long side scaled to ``long_side``, aspect ratio kept
   (``mars_superres.hires_size``); the image is resized to it (bicubic);
 - low-res image: the high-res image resized down (bicubic) to short side ``lowres_short_side``
-  (both sides multiples of the tokenizer's downsampling), then the optional degradations
-  (Gaussian blur, JPEG re-encoding) that make the model robust to the base model's outputs;
+  (both sides multiples of the tokenizer's downsampling), or the sample's own low-res image
+  member (``lowres_member``, e.g. ``lowres.png`` of ``mars_data.shapes shards --lowres 64``:
+  a render at the low-res size is what a base model trained on renders draws, while a
+  bicubic resize blends every edge), then the optional degradations (Gaussian blur, JPEG
+  re-encoding) that make the model robust to the base model's outputs;
 - both encoded with the VQ tokenizer: ``<key>.codes.npy`` (high-res) and
   ``<key>.lowres.codes.npy``; the caption and record members (txt, json) are copied, the image
   only with ``keep_images``. Training reads them with ``data=superres_triplets``.
@@ -67,12 +70,15 @@ class TripletMaker:
         self.skipped = 0
         self.dtype = np.int16 if tokenizer.codebook_size <= 32767 else np.int32
 
-    def pair(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        """(high-res, low-res) images as tensors in [-1, 1]."""
+    def pair(self, image: Image.Image, lowres: Image.Image | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(high-res, low-res) images as tensors in [-1, 1]; ``lowres``: the sample's own
+        low-res image (it must have the low-res size), else the high-res one resized down."""
         low = lowres_size(*image.size, self.cfg.lowres_short_side, self.f)
         high = hires_size(*low, self.cfg.long_side, self.f)
         hi = image if image.size == high else image.resize(high, Image.Resampling.BICUBIC)
-        lo = hi.resize(low, Image.Resampling.BICUBIC)
+        if lowres is not None and lowres.size != low:
+            raise ValueError(f"its {self.cfg.lowres_member} is {lowres.size[0]}x{lowres.size[1]}, not the low-res size {low[0]}x{low[1]}")
+        lo = lowres if lowres is not None else hi.resize(low, Image.Resampling.BICUBIC)
         degrade = self.cfg.degradations
         if degrade.blur:
             lo = lo.filter(ImageFilter.GaussianBlur(degrade.blur))
@@ -97,12 +103,19 @@ class TripletMaker:
 
     def shard(self, source: str, target: Path, bar: tqdm) -> None:
         samples = []
+        own = self.cfg.lowres_member
         for key, members in read_samples(source):
             image = next((data for info, data in members if split_key(info.name)[1].lower() in IMAGE_KEYS), None)
+            lowres = next((data for info, data in members if split_key(info.name)[1].lower() == own), None) if own else None
             try:
                 if image is None:
                     raise ValueError("no image member")
-                hi, lo = self.pair(load_image(image, f"sample {key} of {source}"))
+                if own and lowres is None:
+                    raise ValueError(f"no {own} member (lowres_member)")
+                hi, lo = self.pair(
+                    load_image(image, f"sample {key} of {source}"),
+                    load_image(lowres, f"the {own} of sample {key} of {source}") if own else None,
+                )
             except ValueError as error:  # ImageError is a ValueError
                 self.skipped += 1
                 log.warning("skipped sample %s of %s: %s", key, source, error)
@@ -110,7 +123,7 @@ class TripletMaker:
             keep = [
                 (info, data) for info, data in members
                 if not split_key(info.name)[1].endswith(CODES_KEY)
-                and (self.cfg.keep_images or split_key(info.name)[1].lower() not in IMAGE_KEYS)
+                and (self.cfg.keep_images or split_key(info.name)[1].lower() not in (*IMAGE_KEYS, own))
             ]
             samples.append((key, keep, hi, lo))
         high = self.encode([s[2] for s in samples])

@@ -45,6 +45,7 @@ def world(checkpoints, tmp_path_factory) -> dict[str, Path]:
     cfg = OmegaConf.create(dict(
         tokenizer=str(checkpoints["vq"]), input=str(root / "images"), output=str(root / "triplets"), lowres_short_side=16,
         long_side=32, degradations={"blur": 0.5, "jpeg_quality": 90}, keep_images=False, batch_size=16, device="cpu",
+        lowres_member=None,
     ))
     superres_shards(cfg)
     # an untrained super-resolution checkpoint (randomised heads) for the cascade
@@ -70,6 +71,32 @@ def test_triplet_shards_hold_both_code_grids_and_the_caption(world):
     assert torch.equal(vq.encode(render[None])[0], batch["codes"][0])
     plain = ShardDataModule(str(world["images"]), batch_size=8, load_images=False, load_codes=False, extra_codes=["lowres"])
     assert list(plain.train_dataloader()) == [] and plain.skipped == 48  # no lowres member: every sample skipped, counted
+
+
+def test_triplets_take_the_samples_own_lowres_render(world, tmp_path):
+    """``lowres_member``: the low-res codes are the tokenizer's codes of the scene rendered at
+    the low-res size (shapes shards --lowres), not of a resize; a sample without one is skipped."""
+    shapes.write_shards(tmp_path / "images", 6, seed=1, size=32, lowres=16, samples_per_shard=3, processes=1)
+    cfg = OmegaConf.create(dict(
+        tokenizer=str(world["vq"]), input=str(tmp_path / "images"), output=str(tmp_path / "triplets"), lowres_short_side=16,
+        long_side=32, degradations={"blur": 0.0, "jpeg_quality": None}, keep_images=False, batch_size=16, device="cpu",
+        lowres_member="lowres.png",
+    ))
+    superres_shards(cfg)
+    data = ShardDataModule(str(tmp_path / "triplets"), batch_size=6, shuffle_buffer=0, load_images=False, load_codes=True, extra_codes=["lowres"])
+    batch = next(iter(data.train_dataloader()))
+    vq = VQTokenizer.from_pretrained(world["vq"])
+    to_tensor = lambda image: torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+    renders = torch.stack([to_tensor(shapes.render(r["scene"], 16)) for r in batch["record"]])
+    assert torch.equal(vq.encode(renders), batch["lowres_codes"])
+    resized = torch.stack([to_tensor(shapes.render(r["scene"], 32).resize((16, 16), Image.Resampling.BICUBIC)) for r in batch["record"]])
+    assert not torch.equal(vq.encode(resized), batch["lowres_codes"])  # the option changes what the model reads
+    # shards without the member: every sample skipped and counted, nothing written for them
+    cfg.input, cfg.output = str(world["images"]), str(tmp_path / "none")
+    from mars_data.tars import read_samples
+
+    written = superres_shards(cfg)
+    assert written and sum(1 for path in written for _ in read_samples(str(path))) == 0
 
 
 def test_stage3_experiment_has_the_papers_settings(make_cfg):

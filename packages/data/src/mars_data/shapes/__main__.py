@@ -1,6 +1,6 @@
 """Command line of the shapes world.
 
-    python -m mars_data.shapes shards --out DIR --num-samples N --seed S [--size 64 | --size 64,128]
+    python -m mars_data.shapes shards --out DIR --num-samples N --seed S [--size 64 | --size 64,128] [--lowres 64]
         [--aspect-ratios 1:1,3:2,2:3,2:1,1:2] [--lang en,zh] [--samples-per-shard K]
         [--processes P] [--stream train|val] [--jitter J]
     python -m mars_data.shapes prompts --num N --seed S --out FILE.jsonl
@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     shards.add_argument("--processes", type=int, default=None, help="default: one per CPU")
     shards.add_argument("--stream", choices=("train", "val"), default="train", help="random stream")
     shards.add_argument("--jitter", type=float, default=0.0, help="position jitter of pairs (<= 0.05)")
+    shards.add_argument("--lowres", type=int, default=None,
+                        help="also render each scene at this short side, as <key>.lowres.png (super-resolution triplets)")
 
     prompts = commands.add_parser("prompts", help="write an evaluation prompt file (JSON Lines)")
     prompts.add_argument("--num", type=int, required=True)
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
             processes=args.processes,
             stream=args.stream,
             jitter=args.jitter,
+            lowres=args.lowres,
         )
         print(f"wrote {args.num_samples} samples in {len(paths)} shards to {args.out}", file=sys.stderr)
     elif args.command == "prompts":

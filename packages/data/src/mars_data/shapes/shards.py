@@ -9,7 +9,9 @@ on how many processes wrote it.
 
 A shard ``shapes-000000.tar`` holds, per sample ``<key>``: ``<key>.png`` (the image),
 ``<key>.txt`` (the caption, UTF-8) and ``<key>.json`` (the scene record plus ``width`` and
-``height``). Shards are written to a temporary name and renamed when complete, so a shard
+``height``); with ``lowres`` also ``<key>.lowres.png``, the same scene rendered at the
+short side ``lowres`` (super-resolution triplets: the low-res image as a base model trained on
+renders draws it, not the high-res one resized down). Shards are written to a temporary name and renamed when complete, so a shard
 that exists is whole.
 """
 
@@ -34,6 +36,7 @@ from mars_data.shapes.world import render, sample_scene
 from mars_data.tars import write_manifest
 
 SHARD_PATTERN = "shapes-{index:06d}.tar"
+LOWRES_MEMBER = "lowres.png"  # write_shards(lowres=...): the scene at the low-res size
 
 
 def aspect_size(size: int, ratio: str) -> tuple[int, int]:
@@ -93,16 +96,24 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_shard(shard: int, *, out: Path, num_samples: int, samples_per_shard: int, seed: int, **world) -> int:
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _write_shard(shard: int, *, out: Path, num_samples: int, samples_per_shard: int, seed: int, lowres: int | None = None, **world) -> int:
     start = shard * samples_per_shard
     count = min(samples_per_shard, num_samples - start)
     path = out / SHARD_PATTERN.format(index=shard)
     with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for i, record in enumerate(shard_records(seed, shard, count, **world)):
             key = f"{start + i:09d}"
-            png = io.BytesIO()
-            render(record["scene"], record["width"], record["height"]).save(png, format="PNG")
-            _add_member(tar, f"{key}.png", png.getvalue())
+            width, height = record["width"], record["height"]
+            _add_member(tar, f"{key}.png", _png(render(record["scene"], width, height)))
+            if lowres:
+                scale = lowres / min(width, height)
+                _add_member(tar, f"{key}.{LOWRES_MEMBER}", _png(render(record["scene"], round(width * scale), round(height * scale))))
             _add_member(tar, f"{key}.txt", record["prompt"].encode("utf-8"))
             _add_member(tar, f"{key}.json", json.dumps(record, ensure_ascii=False).encode("utf-8"))
     return count
@@ -119,10 +130,12 @@ def write_shards(
     samples_per_shard: int = 1000,
     stream: str = "train",
     jitter: float = 0.0,
+    lowres: int | None = None,
     processes: int | None = None,
     progress: bool = True,
 ) -> list[Path]:
     """Write ``num_samples`` samples as shards ``out/shapes-000000.tar``, ...; returns their paths.
+    ``lowres``: also each scene rendered at this short side (``<key>.lowres.png``).
 
     Shards are written in parallel by ``processes`` worker processes (default: one per CPU,
     at most one per shard); ``processes=1`` writes in this process.
@@ -144,6 +157,7 @@ def write_shards(
         aspect_ratios=tuple(aspect_ratios),
         langs=tuple(langs),
         jitter=jitter,
+        lowres=lowres,
     )
     with tqdm(total=num_samples, unit="sample", desc=f"shapes shards -> {out}", disable=not progress) as bar:
         if processes == 1:
