@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -107,7 +109,8 @@ def trained(args) -> None:
     from mars_data.shapes.scoring import classify_pixels
 
     cascade = Cascade.from_pretrained(args.base, args.superres)
-    records = shapes.write_prompts(args.prompts_file, args.num, args.seed)
+    with tempfile.TemporaryDirectory() as tmp:  # the prompts are a function of (num, seed); kept only on request
+        records = shapes.write_prompts(args.prompts_file or Path(tmp) / "heldout.jsonl", args.num, args.seed)
     prompts = [r["prompt"] for r in records]
     base = cascade.base.generate(prompts, cfg_scale=1.5, batch_size=args.batch_size, progress=True)
     low_size = base[0].size
@@ -166,7 +169,7 @@ def main() -> None:
     parser.add_argument("--superres", help="a super-resolution checkpoint directory (SuperResModule.export)")
     parser.add_argument("--num", type=int, default=200, help="held-out prompts (trained models)")
     parser.add_argument("--seed", type=int, default=4242, help="held-out prompt seed (no training job uses it)")
-    parser.add_argument("--prompts-file", default="superres-heldout.jsonl")
+    parser.add_argument("--prompts-file", help="also write the held-out prompts to this JSON Lines file")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
