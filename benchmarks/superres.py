@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -109,8 +107,10 @@ def trained(args) -> None:
     from mars_data.shapes.scoring import classify_pixels
 
     cascade = Cascade.from_pretrained(args.base, args.superres)
-    with tempfile.TemporaryDirectory() as tmp:  # the prompts are a function of (num, seed); kept only on request
-        records = shapes.write_prompts(args.prompts_file or Path(tmp) / "heldout.jsonl", args.num, args.seed)
+    if args.prompts_file:
+        records = shapes.write_prompts(args.prompts_file, args.num, args.seed)
+    else:
+        records = shapes.heldout_records(args.num, args.seed)
     prompts = [r["prompt"] for r in records]
     base = cascade.base.generate(prompts, cfg_scale=1.5, batch_size=args.batch_size, progress=True)
     low_size = base[0].size

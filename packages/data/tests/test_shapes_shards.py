@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mars_data.shapes import aspect_size, parse_caption, shard_records, write_shards
+from mars_data.shapes import aspect_size, heldout_records, parse_caption, shard_records, write_shards
 from mars_data.shapes.__main__ import main
 from mars_data.shapes.shards import eval_rng, sample_record
 
@@ -107,6 +107,7 @@ def test_prompts_cli_is_balanced_and_parses(tmp_path):
     }
     for record in records:
         assert parse_caption(record["prompt"])["lang"] == record["lang"]
+    assert records == heldout_records(40, seed=0)  # the file holds what the benchmarks draw without one
 
 
 def test_render_cli_draws_the_scenes_of_a_prompt_file_in_row_order(tmp_path):

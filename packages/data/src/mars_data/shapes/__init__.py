@@ -19,6 +19,7 @@ from mars_data.shapes.scoring import METRICS, detect, relation_holds, score_imag
 from mars_data.shapes.shards import (
     aspect_size,
     eval_rng,
+    heldout_records,
     read_prompts,
     sample_record,
     shard_records,
@@ -61,6 +62,7 @@ __all__ = [
     "aspect_size",
     "detect",
     "eval_rng",
+    "heldout_records",
     "forms_for",
     "parse_caption",
     "relation_holds",

@@ -183,17 +183,20 @@ def eval_rng(seed: int) -> random.Random:
     return random.Random(f"mars-shapes/eval/{seed}")
 
 
-def write_prompts(out: str | Path, num: int, seed: int) -> list[dict]:
-    """Write a prompt file (JSON Lines of scene records) and return its records.
+def heldout_records(num: int, seed: int) -> list[dict]:
+    """Held-out scene records (what ``write_prompts`` writes).
 
     Rows cycle through (1 object, en), (2 objects, en), (1 object, zh), (2 objects, zh), so any
     prefix of a multiple of 4 rows is balanced: half one-object, half two-object, half en, half
     zh. Scenes use the world's exact layout (no jitter); caption forms are random.
     """
     rng = eval_rng(seed)
-    records = [
-        sample_record(rng, langs=(("en", "zh")[(i // 2) % 2],), num_objects=1 + i % 2) for i in range(num)
-    ]
+    return [sample_record(rng, langs=(("en", "zh")[(i // 2) % 2],), num_objects=1 + i % 2) for i in range(num)]
+
+
+def write_prompts(out: str | Path, num: int, seed: int) -> list[dict]:
+    """Write a prompt file (JSON Lines of ``heldout_records``) and return its records."""
+    records = heldout_records(num, seed)
     write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return records
 
