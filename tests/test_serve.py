@@ -87,7 +87,7 @@ def test_draws_english_at_the_requested_size_with_the_plan(client, pipeline):
         np.testing.assert_array_equal(pixels(got), pixels(want))
     # the plan is the frozen LLM's own greedy continuation of the prompt the pipeline builds
     tokenizer, eot = pipeline.text_tokenizer, pipeline.eot
-    prompt = [eot, *tokenizer(f"24x16 {EN}")["input_ids"], eot]
+    prompt = [eot, *tokenizer(EN)["input_ids"], eot]  # the resolution follows the plan
     continued = pipeline.model.llm.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=eot, pad_token_id=eot)
     written = continued[0, len(prompt) :].tolist()
     assert plan == tokenizer.decode(written[: written.index(eot)] if eot in written else written, skip_special_tokens=True).strip()

@@ -178,9 +178,9 @@ def test_training_sequences_write_the_high_res_size_and_drop_captions(world):
     for ids, mask, labels, caption in zip(out["input_ids"], out["attention_mask"], out["labels"], batch["caption"]):
         ids = ids[mask.bool()].tolist()
         text = tok.decode([i for i in ids if i < vocab.text_size], skip_special_tokens=True).strip()
-        assert text.startswith("32x32")  # the requested high-res size, as in stage II
+        assert text.endswith("32x32")  # the requested high-res size ends the prompt, as in stage II
         dropped += text == "32x32"
-        assert text in ("32x32", f"32x32 {caption}")
+        assert text in ("32x32", f"{caption}32x32")  # the text tokens, <|endoftext|> between them skipped
         assert ids.count(vocab.image_start) == 2 and ids.count(vocab.image_row_end) == 4 + 8
         assert int((labels != -100).sum()) == 8 * 9 + 1  # targets: the high-res codes, row ends, <image_end>
     assert 3 <= dropped <= 13  # about half of 16 captions dropped

@@ -55,12 +55,15 @@ from mars_data.images import parse_resolution, prepare_image
 from mars_semvie import SemVIEForCausalLM
 from mars_semvie.sampling import generate as sample_tokens
 from mars_semvie.sequences import (
+    PROMPT_LAYOUT,
+    check_prompt_layout,
     caption_prompt_ids,
     code_grid,
     codes_from_ids,
     collate,
     encode_prompt,
     image_slots,
+    resolution_ids,
     resolution_text,
     t2i_prompt_ids,
     unconditional_prompt,
@@ -130,6 +133,7 @@ class MarsPipeline:
             "format": FORMAT,
             "resolutions": [resolution_text(*r) for r in self.resolutions],
             "resolution_in_prompt": self.resolution_in_prompt,
+            "prompt_layout": PROMPT_LAYOUT,
             "row_end": self.row_end,
             "plan": self.plan,
             "sampling": asdict(self.sampling),
@@ -161,6 +165,8 @@ class MarsPipeline:
         if "sha256" not in config:
             warnings.warn(f"{directory / CONFIG_NAME} lists no sha256 (saved before checksums): files not verified")
         verify_checksums(directory, config.get("sha256", {}), directory / CONFIG_NAME)
+        if config["resolution_in_prompt"]:
+            check_prompt_layout(config.get("prompt_layout"), directory / CONFIG_NAME)
         text_tokenizer = directory / TEXT_TOKENIZER_DIR / "tokenizer.json"
         if not text_tokenizer.is_file():  # transformers would blame a missing sentencepiece/tiktoken
             raise FileNotFoundError(f"{text_tokenizer} is missing: the text tokenizer of this checkpoint is incomplete")
@@ -227,9 +233,10 @@ class MarsPipeline:
         bar = tqdm(total=len(prompts), desc="generating", unit="image", disable=not progress)
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            text = [encode_prompt(self.text_tokenizer, p, in_prompt) for p in chunk]
+            text = [encode_prompt(self.text_tokenizer, p) for p in chunk]
             if self.plan:
                 text = self.write_plans(text, kv_cache)
+            text = [ids + resolution_ids(self.text_tokenizer, in_prompt) for ids in text]  # the resolution ends the prompt
             cond = collate([t2i_prompt_ids(ids, self.vocab) for ids in text], self.vocab)
             unc = collate([uncond] * len(chunk), self.vocab)
             generators = [torch.Generator(device=device).manual_seed(seed + start + i) for i in range(len(chunk))]
@@ -242,6 +249,7 @@ class MarsPipeline:
                 uncond_attention_mask=unc["attention_mask"].to(device),
                 allowed_ids=self.vocab.code_ids,
                 forced=slots,
+                image_grid=(rows, columns),
                 generator=generators,
                 **options,
             )
@@ -290,7 +298,8 @@ class MarsPipeline:
         bar = tqdm(total=len(images), desc="captioning", unit="image", disable=not progress)
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
-            prompts = [caption_prompt_ids(self.encode(image), self.vocab, self.row_end) for image in chunk]
+            grids = [self.encode(image) for image in chunk]
+            prompts = [caption_prompt_ids(codes, self.vocab, self.row_end) for codes in grids]
             batch = collate(prompts, self.vocab)
             tokens = sample_tokens(
                 self.model,
@@ -304,6 +313,7 @@ class MarsPipeline:
                 eos_id=self.eot,
                 generator=[torch.Generator(device=device).manual_seed(seed + start + i) for i in range(len(chunk))],
                 kv_cache=kv_cache,
+                image_grid=[tuple(codes.shape) for codes in grids],
             )
             for row in tokens.tolist():
                 captions.append(self.text_tokenizer.decode(self._until_eot(row), skip_special_tokens=True).strip())

@@ -56,10 +56,10 @@ def nearest_resolution(size: tuple[int, int], resolutions: Sequence[tuple[int, i
     )
 
 
-def plan_text(pipeline: MarsPipeline, prompt: str, resolution: tuple[int, int]) -> str:
-    """The layout text the model writes after ``prompt`` before drawing (``plan`` checkpoints)."""
-    in_prompt = resolution if pipeline.resolution_in_prompt else None  # as MarsPipeline.generate builds it
-    ids = encode_prompt(pipeline.text_tokenizer, prompt, in_prompt)
+def plan_text(pipeline: MarsPipeline, prompt: str) -> str:
+    """The layout text the model writes after ``prompt`` before drawing (``plan`` checkpoints);
+    the resolution follows the plan, so it does not depend on the size (mars_semvie.sequences)."""
+    ids = encode_prompt(pipeline.text_tokenizer, prompt)
     [planned] = pipeline.write_plans([ids])
     return pipeline.text_tokenizer.decode(planned[len(ids) : -1], skip_special_tokens=True).strip()
 
@@ -95,7 +95,7 @@ def build_app(
             resolution=size,
             progress=True,
         )
-        plan = plan_text(pipeline, prompt, size) if pipeline.plan else ""
+        plan = plan_text(pipeline, prompt) if pipeline.plan else ""
         return [(image, f"seed {seed + i}") for i, image in enumerate(images)], plan
 
     def caption(upload):  # Gradio's FileData of the upload, already in its upload cache

@@ -69,7 +69,7 @@ from mars_semvie import SemVIEConfig, SemVIEForCausalLM
 from mars_semvie.model import gathered
 from mars_semvie.sequences import SequenceBuilder, prebuilt
 
-NEW_PARTS = ("visual_embed", "image_position", "vision_head")  # SemVIE parameters that start from nothing
+NEW_PARTS = ("visual_embed", "image_position", "grid_projection", "vision_head")  # SemVIE parameters that start from nothing
 
 
 @contextmanager
@@ -98,6 +98,7 @@ class TextToImageModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],  # partial: param groups -> optimizer
         visual_expert: bool = True,  # False: the paper's "w/o visual expert" ablation
         image_positions: int = 0,  # learned offsets of image tokens from <image_start> (SemVIEConfig); 0: none
+        grid_features: int = 0,  # frequencies of image tokens' places as fractions of their grid (SemVIEConfig); 0: none
         num_visual_codes: int | None = None,  # None: the VQ tokenizer's codebook size
         task_mix: dict | None = None,  # {"t2i": p, "caption": q}, normalised
         caption_target: Callable[[str], str] | None = None,  # caption -> what captioning writes (None: the caption)
@@ -134,7 +135,7 @@ class TextToImageModule(L.LightningModule):
                 f"{self.vq.codebook_size} codes: leave it null to take the tokenizer's"
             )
         self.semvie_config = SemVIEConfig(
-            AutoConfig.from_pretrained(llm_path).vocab_size, codes, visual_expert, image_positions=image_positions
+            AutoConfig.from_pretrained(llm_path).vocab_size, codes, visual_expert, image_positions=image_positions, grid_features=grid_features,
         )
         self.vocab = self.semvie_config.vocab
         self.llm_path, self.llm_dtype, self.init_from = llm_path, getattr(torch, llm_dtype), init_from
@@ -207,10 +208,15 @@ class TextToImageModule(L.LightningModule):
 
         weights = load_file(Path(path) / WEIGHTS_NAME)
         own = {n: p for n, p in self.model.named_parameters() if not n.startswith("llm.")}
-        missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+        # a stage may add grid places (grid_features) to a checkpoint without them: they start at zero
+        missing = sorted(n for n in set(own) - set(weights) if not n.startswith("grid_projection"))
+        unexpected = sorted(set(weights) - set(own))
         if missing or unexpected:
             raise RuntimeError(f"{path}: missing {missing}, unexpected {unexpected}")
         for name, param in own.items():
+            if name not in weights:
+                rank_zero_info(f"{name}: not in {path}, starts at zero")
+                continue
             with gathered([param]), torch.no_grad():
                 param.copy_(weights[name])
 
@@ -251,8 +257,8 @@ class TextToImageModule(L.LightningModule):
         return next(self.vq.parameters()).device
 
     # -------------------------------------------------------------------------- training
-    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, return_logits=True):
-        return self.model(input_ids, attention_mask, position_ids, labels, return_logits=return_logits)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, return_logits=True, image_grid=None):
+        return self.model(input_ids, attention_mask, position_ids, labels, return_logits=return_logits, image_grid=image_grid)
 
     def training_step(self, batch, batch_idx):
         self._note_resolution(batch)

@@ -120,6 +120,46 @@ def test_mixed_sequence_with_kv_cache_equals_full_forward(build_tiny_semvie, per
     assert_close(torch.cat(chunks, dim=1), model(ids).logits, rtol=1e-4, atol=1e-4)  # logits ~10: float32 noise
 
 
+def grid_ids(vocab, widths=(3, 2), rows=2, text=4):
+    """Two text-to-image rows with row ends, grids of ``widths`` columns, then a caption-like tail."""
+    out = []
+    for width in widths:
+        codes = vocab.codes_to_ids(torch.arange(rows * width) % vocab.num_codes).view(rows, width)
+        image = torch.cat([codes, codes.new_full((rows, 1), vocab.image_row_end)], dim=1).flatten().tolist()
+        row = [5 + i for i in range(text)] + [vocab.image_start, *image, vocab.image_end]
+        out.append(row + [7] * (2 + rows * (max(widths) - width)))  # same length: text after the image
+    return torch.tensor(out)
+
+
+def test_grid_features_place_codes_by_their_fraction_of_the_grid(build_tiny_semvie, perturb_visual_weights):
+    model, _ = build_tiny_semvie(grid_features=3)
+    perturb_visual_weights(model)
+    vocab = model.vocab
+    ids = grid_ids(vocab, widths=(2, 6))
+    grids = torch.tensor([[2, 2], [2, 6]])
+    got = model._image_position_embeddings(ids, vocab.is_visual(ids), None, grids)
+    start = 4
+    # column 0 of 2 and column 1 of 6 both centre at 1/4 of the width; row 1 of 2 in both
+    assert_close(got[0, start + 1 + 3], got[1, start + 1 + 7 + 1])
+    assert not torch.allclose(got[1, start + 1 + 7], got[1, start + 1 + 7 + 1])
+    assert torch.equal(got[:, : start + 1], torch.zeros_like(got[:, : start + 1]))  # prompt and <image_start>: none
+    with pytest.raises(ValueError, match="image_grid"):
+        model(ids)
+    model(ids[:, :start])  # text alone needs no grid
+
+
+@pytest.mark.parametrize("split", [5, 7, 9])
+def test_grid_features_with_kv_cache_equal_full_forward(build_tiny_semvie, perturb_visual_weights, split):
+    model, _ = build_tiny_semvie(grid_features=3, image_positions=20)
+    perturb_visual_weights(model)
+    ids = grid_ids(model.vocab)
+    grids = torch.tensor([[2, 3], [2, 2]])
+    cache = model.new_cache(2, ids.shape[1])
+    chunks = [model(ids[:, :split], cache=cache, image_grid=grids).logits]
+    chunks += [model(ids[:, i : i + 2], cache=cache).logits for i in range(split, ids.shape[1], 2)]
+    assert_close(torch.cat(chunks, dim=1), model(ids, image_grid=grids).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_gradients_reach_only_trainable_weights(build_tiny_semvie):
     model, _ = build_tiny_semvie(image_positions=12)
     model.train()

@@ -19,7 +19,7 @@ from mars_semvie.sequences import (
     encode_prompt,
     image_ids,
     image_slots,
-    prompt_text,
+    resolution_ids,
     t2i_prompt_ids,
     unconditional_prompt,
 )
@@ -38,13 +38,17 @@ def test_prompt_framing_and_resolution(tokenizer):
     eot = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
     ids = encode_prompt(tokenizer, "a red circle")
     assert ids[0] == ids[-1] == eot and tokenizer.decode(ids[1:-1]) == "a red circle"
-    assert prompt_text("a red circle", (96, 64)) == "96x64 a red circle"
-    assert tokenizer.decode(encode_prompt(tokenizer, "a red circle", (96, 64))[1:-1]) == "96x64 a red circle"
+    size = resolution_ids(tokenizer, (96, 64))
+    assert size[-1] == eot and tokenizer.decode(size[:-1]) == "96x64" and resolution_ids(tokenizer, None) == []
+    # stage II: the resolution ends the prompt, so the caption's ids (and states) are stage I's
+    assert encode_prompt(tokenizer, "a red circle", (96, 64)) == ids + size
     assert unconditional_prompt(tokenizer) == [eot, eot]
-    assert tokenizer.decode(unconditional_prompt(tokenizer, (96, 64))[1:-1]) == "96x64"
+    assert unconditional_prompt(tokenizer, (96, 64)) == [eot, eot, *size]
     planned = encode_prompt(tokenizer, "a red circle left of a blue square", plan=" red circle left of blue square ")
     assert planned.count(eot) == 3 and planned[-1] == eot
     assert tokenizer.decode(planned[planned.index(eot, 1) + 1 : -1]) == "red circle left of blue square"
+    sized = encode_prompt(tokenizer, "a red circle left of a blue square", (96, 64), plan=" red circle left of blue square ")
+    assert sized == planned + size  # after the plan too
     caption = encode_caption(tokenizer, "一个红色的圆形 ")
     assert caption[-1] == eot and tokenizer.decode(caption[:-1]) == "一个红色的圆形"
 

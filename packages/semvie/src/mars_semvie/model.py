@@ -89,6 +89,7 @@ class SemVIEConfig:
     visual_expert: bool = True  # False: the paper's "w/o visual expert" ablation
     routing: str = "gather"  # "gather" (each token once) or "mask" (both experts, reference)
     image_positions: int = 0  # learned embeddings of a visual token's offset from its <image_start>; 0: none
+    grid_features: int = 0  # frequencies per axis of a visual token's place as a fraction of its grid (forward's image_grid); 0: none
 
     @property
     def vocab(self) -> MultimodalVocab:
@@ -116,7 +117,12 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_length = max_length
         self.length = 0
-        self.image_offset = torch.full((batch_size,), -1, dtype=torch.long, device=device)  # of the last token
+        # where the last token sits in its image (-1: in none): offset from <image_start>, rows
+        # ended before it (and by it), offset of the last row boundary (<image_start> or a row end)
+        self.image_offset = torch.full((batch_size,), -1, dtype=torch.long, device=device)
+        self.image_rows = torch.zeros((batch_size,), dtype=torch.long, device=device)
+        self.image_boundary = torch.zeros((batch_size,), dtype=torch.long, device=device)
+        self.image_grid: torch.Tensor | None = None  # (batch, 2): rows and columns of each row's image (grid_features)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
@@ -285,6 +291,11 @@ class SemVIEForCausalLM(nn.Module):
         if self.image_position is not None:
             with gathered([self.image_position.weight]):
                 nn.init.zeros_(self.image_position.weight)
+        self.grid_projection = None
+        if config.grid_features:  # zeros: no effect at the start
+            self.grid_projection = nn.Linear(4 * config.grid_features, c.hidden_size, bias=False, **factory)
+            with gathered([self.grid_projection.weight]):
+                nn.init.zeros_(self.grid_projection.weight)
         llm.requires_grad_(not config.visual_expert)
         self.experts = (
             nn.ModuleList(VisualExpert(layer, c) for layer in llm.model.layers).requires_grad_(True)
@@ -302,9 +313,10 @@ class SemVIEForCausalLM(nn.Module):
         visual_expert: bool = True,
         routing: str = "gather",
         image_positions: int = 0,
+        grid_features: int = 0,
     ) -> SemVIEForCausalLM:
         """Wrap a loaded Qwen2 / Llama causal LM (e.g. ``AutoModelForCausalLM.from_pretrained(path)``)."""
-        config = SemVIEConfig(llm.config.vocab_size, num_visual_codes, visual_expert, routing, image_positions)
+        config = SemVIEConfig(llm.config.vocab_size, num_visual_codes, visual_expert, routing, image_positions, grid_features)
         return cls(llm, config)
 
     def parameter_groups(self) -> dict[str, tuple[int, int]]:
@@ -316,7 +328,7 @@ class SemVIEForCausalLM(nn.Module):
             ("text attention output", lambda n: n.startswith("llm.") and "o_proj" in n),
             ("text FFN", lambda n: n.startswith("llm.") and ".mlp." in n),
             ("text head", lambda n: n.startswith("llm.lm_head")),
-            ("visual embeddings", lambda n: n.startswith(("visual_embed", "image_position"))),
+            ("visual embeddings", lambda n: n.startswith(("visual_embed", "image_position", "grid_projection"))),
             ("visual attention Q/K/V", lambda n: n.startswith("experts.") and any(p in n for p in ("q_proj", "k_proj", "v_proj"))),
             ("visual attention output", lambda n: n.startswith("experts.") and "o_proj" in n),
             ("visual FFN", lambda n: n.startswith("experts.") and ".mlp." in n),
@@ -353,6 +365,7 @@ class SemVIEForCausalLM(nn.Module):
         return_logits: bool = True,
         embedding_offset: torch.Tensor | None = None,
         return_hidden: bool = False,
+        image_grid: torch.Tensor | None = None,
     ) -> SemVIEOutput:
         """Logits over the multimodal vocabulary (and the shifted next-token loss if labels).
 
@@ -368,6 +381,8 @@ class SemVIEForCausalLM(nn.Module):
             under no_grad while training, so put offsets only on rows after an image.
         return_hidden: also return the final hidden states (the heads' input) as ``hidden``,
             for heads outside this model (mars_superres's next-K-token heads).
+        image_grid: (B, 2) rows and columns of the image code grid each row draws or reads
+            (``grid_features`` models; kept in the cache for the decoding steps).
         """
         B, L = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -384,8 +399,9 @@ class SemVIEForCausalLM(nn.Module):
             lambda i: self.visual_embed((i - T).clamp(min=0)),
             ids,
         )
-        if self.image_position is not None:
-            h = h + router.to_expert_order(self._image_position_embeddings(input_ids, visual, cache).flatten(0, 1))
+        if self.image_position is not None or self.grid_projection is not None:
+            places = self._image_position_embeddings(input_ids, visual, cache, image_grid)
+            h = h + router.to_expert_order(places.flatten(0, 1))
         if embedding_offset is not None:
             h = h + router.to_expert_order(embedding_offset.to(h.dtype).flatten(0, 1))
         cos, sin = self.llm.model.rotary_emb(h, position_ids)
@@ -463,24 +479,71 @@ class SemVIEForCausalLM(nn.Module):
         h = h + router.apply(text.mlp, visual.mlp, text.post_attention_layernorm(h))
         return h
 
-    def _image_position_embeddings(self, input_ids: torch.Tensor, visual: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        """(B, L, hidden): each visual token's learned embedding of its offset from the last
-        ``<image_start>`` (0 for the start itself), zero elsewhere. Why: rotary positions are
-        relative and prompts differ in length, so without it a code would have to find out
-        where in the grid it is through attention, which small models learn slowly (docs/LOG.md).
-        The cache carries the offset of its last token into the next decoding step."""
+    def _image_position_embeddings(
+        self, input_ids: torch.Tensor, visual: torch.Tensor, cache: KVCache | None, image_grid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, L, hidden): the learned embeddings of where each visual token sits in its image,
+        zero elsewhere. Why: rotary positions are relative and prompts differ in length, so
+        without them a code would have to find out where in the grid it is through attention,
+        which small models learn slowly (docs/LOG.md).
+
+        ``image_positions``: its offset from the last ``<image_start>`` (0 for the start itself).
+        ``grid_features``: its row (row ends before it) and column (tokens since the last row end
+        or ``<image_start>``; a row end sits in the column after its row's last code), read from
+        the ids, as the centre of its cell in fractions of the grid (``image_grid``: rows,
+        columns), ``(row + 0.5) / rows`` and ``(column + 0.5) / columns``, in sines and cosines
+        of ``grid_features`` frequencies, projected. With offsets alone the code under a code is
+        5 tokens back in a 64x64 grid and 9 in a 128x64 one; in fractions a place in a 96x64
+        grid is near the same place in a 64x64 one, as in a scene of the world, whose positions
+        are fractions of the canvas (issue 17, docs/LOG.md).
+        The cache carries the last token's place into the next decoding step."""
         B, L = input_ids.shape
-        index = torch.arange(L, device=input_ids.device).expand(B, L)
-        last_start = torch.where(input_ids == self.vocab.image_start, index, -1).cummax(dim=1).values
-        before = cache.image_offset[:, None] if cache is not None else torch.full((B, 1), -1, device=input_ids.device)
+        device = input_ids.device
+        index = torch.arange(L, device=device).expand(B, L)
+        starts = input_ids == self.vocab.image_start
+        last_start = torch.where(starts, index, -1).cummax(dim=1).values
+        before = cache.image_offset[:, None] if cache is not None else torch.full((B, 1), -1, device=device)
         offset = torch.where(last_start >= 0, index - last_start, torch.where(before >= 0, before + 1 + index, -1))
+        zero = torch.zeros((), dtype=self.visual_embed.weight.dtype, device=device)
+        out = zero.expand(B, L, self.visual_embed.embedding_dim)
+        if self.image_position is not None:
+            placed = visual & (offset >= 0)
+            if bool((offset[placed] >= self.config.image_positions).any()):
+                raise ValueError(f"an image longer than image_positions={self.config.image_positions} tokens")
+            # text after an image (a caption) has offsets too, possibly past the table: look up 0 there
+            out = out + torch.where(placed.unsqueeze(-1), self.image_position(torch.where(placed, offset, 0)), zero)
+        if self.grid_projection is not None:
+            ends = (input_ids == self.vocab.image_row_end) & (offset >= 0)
+            boundary = starts | ends
+            last_boundary = torch.where(boundary, index, -1).cummax(dim=1).values  # inclusive
+            prior = torch.cat([last_boundary.new_full((B, 1), -1), last_boundary[:, :-1]], dim=1)  # exclusive
+            cached_boundary = cache.image_boundary[:, None] if cache is not None else torch.zeros((B, 1), dtype=torch.long, device=device)
+            column = torch.where(prior >= 0, index - prior - 1, offset - 1 - cached_boundary)
+            ends_before = ends.long().cumsum(1) - ends.long()
+            ends_at_start = ends_before.gather(1, last_start.clamp(min=0))
+            cached_rows = cache.image_rows[:, None] if cache is not None else torch.zeros((B, 1), dtype=torch.long, device=device)
+            row = torch.where(last_start >= 0, ends_before - ends_at_start, cached_rows + ends_before)
+            placed = visual & (offset >= 1)
+            if image_grid is None and cache is not None:
+                image_grid = cache.image_grid
+            if image_grid is None and bool(placed.any()):
+                raise ValueError("this model places codes by grid_features: pass image_grid=(rows, columns) of each row's image")
+            if image_grid is not None:
+                image_grid = torch.as_tensor(image_grid, device=device).long().expand(B, 2)
+                if cache is not None:
+                    cache.image_grid = image_grid
+                fraction = torch.stack([(row + 0.5) / image_grid[:, :1], (column + 0.5) / image_grid[:, 1:]], dim=-1)
+                k = torch.arange(1, self.config.grid_features + 1, device=device, dtype=torch.float32)
+                angles = (torch.pi * fraction.unsqueeze(-1) * k).flatten(-2)  # (B, L, 2F)
+                features = torch.cat([angles.sin(), angles.cos()], dim=-1).to(zero.dtype)
+                out = out + torch.where(placed.unsqueeze(-1), self.grid_projection(features), zero)
+            if cache is not None:
+                cache.image_rows = row[:, -1] + ends[:, -1].long()
+                last = last_boundary[:, -1]
+                cache.image_boundary = torch.where(last >= 0, offset[:, -1] - (L - 1 - last), cache.image_boundary)
         if cache is not None:
             cache.image_offset = offset[:, -1].clone()
-        placed = visual & (offset >= 0)
-        if bool((offset[placed] >= self.config.image_positions).any()):
-            raise ValueError(f"an image longer than image_positions={self.config.image_positions} tokens")
-        # text after an image (a caption) has offsets too, possibly past the table: look up 0 there
-        return self.image_position(torch.where(placed, offset, 0)) * placed.unsqueeze(-1).to(self.image_position.weight.dtype)
+        return out
 
     def _training_rows(self, visual: torch.Tensor, attention_mask: torch.Tensor | None, past: int):
         """(frozen, skip) marks for the router while training (else None): text rows whose states

@@ -112,9 +112,11 @@ class Decoder:
         attention_mask: torch.Tensor | None = None,
         max_new_tokens: int = 0,
         kv_cache: bool = True,
+        image_grid: torch.Tensor | None = None,
     ):
         B, L = input_ids.shape
         self.model = model
+        self.image_grid = image_grid  # (B, 2) or (2,): the grid each row draws (grid_features models)
         self.mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
         if self.mask is None:
             self.positions = torch.arange(L, device=input_ids.device).expand(B, L)
@@ -122,7 +124,7 @@ class Decoder:
             self.positions = (self.mask.long().cumsum(-1) - 1).clamp(min=0)
         self.ids = input_ids
         self.cache = model.new_cache(B, L + max_new_tokens) if kv_cache else None
-        self.logits = model(input_ids, self.mask, self.positions, cache=self.cache, logits_to_keep=1).logits[:, -1]
+        self.logits = model(input_ids, self.mask, self.positions, cache=self.cache, logits_to_keep=1, image_grid=image_grid).logits[:, -1]
 
     def append(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed tokens (B,) as the next position of every row; returns the new last logits."""
@@ -135,7 +137,7 @@ class Decoder:
         else:
             self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
             self.positions = torch.cat([self.positions, position], dim=1)
-            out = self.model(self.ids, self.mask, self.positions, logits_to_keep=1)
+            out = self.model(self.ids, self.mask, self.positions, logits_to_keep=1, image_grid=self.image_grid)
         self.logits = out.logits[:, -1]
         return self.logits
 
@@ -158,6 +160,7 @@ def generate(
     eos_id: int | None = None,
     generator: Generators = None,
     kv_cache: bool = True,
+    image_grid: Sequence[int] | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Continue B left-padded prompts; returns the new tokens (B, n), n <= max_new_tokens.
 
@@ -169,6 +172,8 @@ def generate(
         (``sequences.image_slots`` gives this for an image grid).
     eos_id: a row that produced it produces it again from then on; generation ends early
         when every row has.
+    image_grid: (rows, columns) of the image drawn (or read), for every row or (B, 2) per row:
+        the place of each code for a ``grid_features`` model (``SemVIEForCausalLM.forward``).
     """
     B = len(input_ids)
     if forced is not None and len(forced) != max_new_tokens:
@@ -180,7 +185,11 @@ def generate(
         input_ids, attention_mask = _stack_left_padded(
             input_ids, attention_mask, uncond_ids, uncond_attention_mask, model.vocab.pad
         )
-    decoder = Decoder(model, input_ids, attention_mask, max_new_tokens, kv_cache)
+    if image_grid is not None:
+        image_grid = torch.as_tensor(image_grid, device=input_ids.device).long()
+        if guided and image_grid.dim() == 2:
+            image_grid = torch.cat([image_grid, image_grid])
+    decoder = Decoder(model, input_ids, attention_mask, max_new_tokens, kv_cache, image_grid)
     allowed_ids = allowed_ids or model.vocab.used_ids
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     tokens = []

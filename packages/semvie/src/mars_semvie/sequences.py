@@ -6,21 +6,20 @@ generation (``mars_app.pipeline``) builds its prompts here, so the two cannot dr
 Text framing. The text LLM was pretrained on texts framed as ``<|endoftext|> text
 <|endoftext|>`` (``mars_semvie.text``); a prompt keeps exactly that framing, so the frozen
 text expert sees the same kind of input it was trained on and its hidden state at the closing
-``<|endoftext|>`` has read the whole prompt::
+``<|endoftext|>`` has read the whole caption::
 
-    prompt text  = caption                          (stage I)
-                 = f"{W}x{H}" + " " + caption       (stage II: the resolution, width x height
-                                                     in pixels, e.g. "96x64", written into the
-                                                     prompt as the paper does)
-    prompt ids   = [eot] tokens(prompt text) [eot]                     encode_prompt
-                 = [eot] tokens(prompt text) [eot] tokens(plan) [eot]  (with a plan)
-    uncond ids   = [eot] tokens(f"{W}x{H}") [eot] (stage II)           unconditional_prompt
-                 = [eot] [eot]                    (stage I)
+    prompt ids   = [eot] tokens(caption) [eot]                          encode_prompt (stage I)
+                 = [eot] tokens(caption) [eot] tokens(plan) [eot]       (with a plan)
+    stage II     = the above, then tokens(f"{W}x{H}") [eot]             (the resolution, width x
+                   height in pixels, e.g. "96x64", written into the prompt as the paper does)
+    uncond ids   = [eot] [eot]                    (stage I)             unconditional_prompt
+                 = [eot] [eot] tokens(f"{W}x{H}") [eot]   (stage II)
 
-The resolution comes first so that the caption's last word (a Chinese caption's relation word)
-stays right before the closing ``<|endoftext|>``: with it after the caption, a text LM trained
-on the restatement corpus (``mars_app.lm_corpus``) did not learn the Chinese order swap in
-3,000 steps, without it it did (docs/LOG.md).
+The resolution comes last, after the caption and the plan, because attention is causal: every
+text state before it is then exactly what it is in a stage I prompt, so one text LLM, trained
+on captions alone, serves both stages (issue 17). Written before the caption, the text LLM had
+to be trained with resolutions, and such an LM lost the Chinese order swap (docs/LOG.md);
+written between the caption and its closing ``<|endoftext|>``, it hid the relation word.
 
 A plan is text the text expert writes after the prompt before the image is drawn: the
 shapes world's LLM continues a caption with its layout restatement (``mars_app.lm_corpus``:
@@ -71,17 +70,22 @@ IGNORE = -100  # label of a position that is not a target
 
 
 # ------------------------------------------------------------------------------------- text
+PROMPT_LAYOUT = "resolution-last"  # written into checkpoints whose prompts hold a resolution
+
+
+def check_prompt_layout(layout: str | None, where) -> None:
+    """Refuse a checkpoint trained on another prompt layout (before 2026-12-03 the resolution came
+    first): it would read prompts unlike its training ones and draw wrong without a word."""
+    if layout != PROMPT_LAYOUT:
+        raise ValueError(
+            f"{where} was trained with prompt layout {layout or 'resolution-first (before 2026-12-03)'!r}, "
+            f"this code writes {PROMPT_LAYOUT!r} (mars_semvie.sequences): retrain it"
+        )
+
+
 def resolution_text(width: int, height: int) -> str:
     """How a resolution is written into a stage II prompt: width x height in pixels, "96x64"."""
     return f"{int(width)}x{int(height)}"
-
-
-def prompt_text(caption: str, resolution: tuple[int, int] | None = None) -> str:
-    """The prompt's text: (stage II) the resolution ``(width, height)``, then the caption."""
-    parts = [resolution_text(*resolution)] if resolution is not None else []
-    if caption.strip():
-        parts.append(caption.strip())
-    return " ".join(parts)
 
 
 def _eot(text_tokenizer) -> int:
@@ -94,14 +98,19 @@ def _eot(text_tokenizer) -> int:
 def encode_prompt(
     text_tokenizer, caption: str, resolution: tuple[int, int] | None = None, plan: str | None = None
 ) -> list[int]:
-    """Text ids of a prompt: ``[eot] tokens(prompt_text(caption, resolution)) [eot]``, then
-    ``tokens(plan) [eot]`` if a plan is given."""
-    eot = _eot(text_tokenizer)
-    text = prompt_text(caption, resolution)
-    ids = [eot, *(text_tokenizer(text, add_special_tokens=False)["input_ids"] if text else []), eot]
+    """Text ids of a prompt: ``[eot] tokens(caption) [eot]``, then ``tokens(plan) [eot]`` if a
+    plan is given, then (stage II) ``resolution_ids(resolution)``."""
+    caption = caption.strip()
+    ids = [_eot(text_tokenizer), *(text_tokenizer(caption, add_special_tokens=False)["input_ids"] if caption else [])]
+    ids.append(ids[0])
     if plan is not None:
         ids += encode_caption(text_tokenizer, plan)  # tokens(plan) [eot]
-    return ids
+    return ids + resolution_ids(text_tokenizer, resolution)
+
+
+def resolution_ids(text_tokenizer, resolution: tuple[int, int] | None) -> list[int]:
+    """``tokens("WxH") [eot]``, the end of a stage II prompt; ``[]`` for None (stage I)."""
+    return [] if resolution is None else encode_caption(text_tokenizer, resolution_text(*resolution))
 
 
 def unconditional_prompt(text_tokenizer, resolution: tuple[int, int] | None = None) -> list[int]:
@@ -206,13 +215,13 @@ def collate(
 
 
 # ----------------------------------------------------------------------- training batches
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels", "image_grid")  # image_grid: rows with row ends
 
 
 def prebuilt(batch: dict) -> dict[str, torch.Tensor] | None:
     """The model inputs of a batch whose sequences a batch stage built in the DataLoader
     workers; None when the batch holds only data (the module builds them itself)."""
-    return {k: batch[k] for k in MODEL_INPUTS} if "input_ids" in batch else None
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch} if "input_ids" in batch else None
 
 
 class SequenceBuilder:
@@ -299,7 +308,8 @@ class SequenceBuilder:
         return columns * self.downsample, rows * self.downsample
 
     def build(self, codes: torch.Tensor, captions: Sequence[str], rng) -> dict[str, torch.Tensor]:
-        """The batch's left-padded ``input_ids``, ``attention_mask``, ``position_ids``, ``labels``."""
+        """The batch's left-padded ``input_ids``, ``attention_mask``, ``position_ids``, ``labels``
+        and, with row ends, ``image_grid`` (rows, columns of each row's image)."""
         row_end = self.resolution_in_prompt
         ids, labels = [], []
         for grid, caption in zip(codes, captions):
@@ -310,7 +320,10 @@ class SequenceBuilder:
                 x, y = build_t2i(self.prompt_ids(text, self.resolution(grid)), grid, self.vocab, row_end)
             ids.append(x)
             labels.append(y)
-        return collate(ids, self.vocab, labels)
+        out = collate(ids, self.vocab, labels)
+        if row_end:  # where each code sits in its grid (SemVIEForCausalLM's grid_features)
+            out["image_grid"] = torch.tensor([tuple(grid.shape[-2:]) for grid in codes], dtype=torch.long)
+        return out
 
     def __call__(self, batches, skips=None, rng: random.Random | None = None):
         """Pipeline stage: add the sequences to every batch of codes. Training draws from

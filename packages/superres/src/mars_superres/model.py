@@ -215,6 +215,8 @@ class SuperResModel(nn.Module):
         self._grow_image_positions(config.image_positions)
 
     def _grow_image_positions(self, rows: int) -> None:
+        if self.semvie.config.grid_features:  # the decoders roll back the cache's image offset only
+            raise ValueError("the base SemVIE places codes by grid_features: super-resolution does not support it yet")
         table = self.semvie.image_position
         if table is None and rows:
             raise ValueError(f"image_positions={rows}, but the base SemVIE has no learned image offsets: set image_positions=0")
@@ -338,7 +340,7 @@ class SuperResModel(nn.Module):
         own = {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith("semvie.")}
         with atomic_path(directory / WEIGHTS_NAME) as tmp:
             save_file(own, tmp, metadata={"format": FORMAT})
-        write_json_atomic(directory / CONFIG_NAME, {"format": FORMAT, **asdict(self.config)})
+        write_json_atomic(directory / CONFIG_NAME, {"format": FORMAT, "prompt_layout": seq.PROMPT_LAYOUT, **asdict(self.config)})
         return directory
 
     @classmethod
@@ -350,6 +352,7 @@ class SuperResModel(nn.Module):
         meta = json.loads((directory / CONFIG_NAME).read_text())
         if meta.pop("format", None) != FORMAT:
             raise ValueError(f"{directory / CONFIG_NAME} is not a {FORMAT} config")
+        seq.check_prompt_layout(meta.pop("prompt_layout", None), directory / CONFIG_NAME)
         model = cls(SemVIEForCausalLM.from_pretrained(directory / SEMVIE_DIR, llm_path=llm_path), SuperResConfig(**meta))
         missing, unexpected = model.load_state_dict(load_file(directory / WEIGHTS_NAME), strict=False)
         missing = [k for k in missing if not k.startswith("semvie.")]
