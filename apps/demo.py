@@ -6,7 +6,9 @@ can be repeated by hand: held-out prompts and their scenes, the VQ tokenizer and
 than one two-thread job; the tokenizer's pre-tokenized shards follow it in its lane, the
 128 px renders for stage III the LLM in its), the super-resolution triplets beside MARS
 stage I, stage III, generation and evaluation on the held-out prompts at 64 px and through the cascade
-at 128 px, a sample grid, and captions of the held-out scenes, scored. A finished step leaves
+at 128 px, a sample grid, and captions of the held-out scenes, scored. With ``with_stage2=true``
+also stage II beside stage III (renders at every aspect ratio, their codes, training from stage
+I, the held-out prompts drawn and scored at every size). A finished step leaves
 ``<out_dir>/.done/<step>`` and is skipped on the next run; an interrupted training step
 resumes from its last checkpoint. Data lives in ``<out_dir>/data``, each training run in
 ``<out_dir>/<step>``; steps run side by side write their output to ``<out_dir>/<step>.log``.
@@ -52,6 +54,8 @@ def demo_steps(cfg: DictConfig, out: Path) -> list[Step | tuple[Step, ...]]:
     superres, triplets = out / "stage3" / "superres", data / "superres_triplets" / "train"
     cascade = [f"superres={superres}", f"tokens_per_step={cfg.tokens_per_step}", f"decode={cfg.decode}"]
 
+    stage2_steps = stage2_demo_steps(cfg, out, tokenizer, llm, ckpt / "semvie") if cfg.with_stage2 else []
+
     def shapes_train_shards() -> str:  # written by the tokenizer run's ShapesDataModule
         found = sorted((data / "shapes").glob("train-*"))
         if not found:
@@ -71,14 +75,19 @@ def demo_steps(cfg: DictConfig, out: Path) -> list[Step | tuple[Step, ...]]:
             [train_step("lm", list(cfg.lm), out, cfg.seed),
              Step("renders_128", lambda: ["-m", "mars_data.shapes", "shards", "--out", str(data / "shapes128"),
                                           "--num-samples", str(cfg.superres_samples), "--size", "128", "--lowres", "64",
-                                          "--seed", str(cfg.seed)])],
+                                          "--seed", str(cfg.seed)]),
+             *stage2_steps[:1]],
         ),
-        (  # stage III's triplets beside stage I (which takes the second core when they are written)
-            Step("triplets", lambda: [str(APPS / "superres_shards.py"), f"tokenizer={tokenizer}", f"input={data / 'shapes128'}",
-                                      f"output={triplets}", "lowres_member=lowres.png", f"hydra.run.dir={out / 'triplets'}"]),
+        (  # stage III's triplets (and stage II's codes) beside stage I (which takes the second core when they are written)
+            [Step("triplets", lambda: [str(APPS / "superres_shards.py"), f"tokenizer={tokenizer}", f"input={data / 'shapes128'}",
+                                       f"output={triplets}", "lowres_member=lowres.png", f"hydra.run.dir={out / 'triplets'}"]),
+             *stage2_steps[1:2]],
             train_step("stage1", [*cfg.stage1, f"model.llm_path={llm}", f"model.tokenizer_path={tokenizer}"], out, cfg.seed),
         ),
-        train_step("stage3", [*cfg.stage3, f"model.base_path={ckpt}", f"data.train_shards={triplets}"], out, cfg.seed),
+        (  # stage II (when asked for) beside stage III: both start from stage I
+            train_step("stage3", [*cfg.stage3, f"model.base_path={ckpt}", f"data.train_shards={triplets}"], out, cfg.seed),
+            *([stage2_steps[2:]] if stage2_steps else []),
+        ),
         Step("samples", lambda: [str(APPS / "generate.py"), f"ckpt={ckpt}", f"prompts={write_sample_prompts(cfg, out)}", *cascade,
                                  "save_base=true", f"out={out / 'samples'}", "grid=true", "overwrite=true",
                                  f"hydra.run.dir={out / 'samples'}"]),
@@ -96,6 +105,35 @@ def demo_steps(cfg: DictConfig, out: Path) -> list[Step | tuple[Step, ...]]:
                                            f"captions={out / 'captions' / 'captions.jsonl'}",
                                            f"hydra.run.dir={out / 'captions'}"]),
     ]
+
+
+def stage2_demo_steps(cfg: DictConfig, out: Path, tokenizer: Path, llm: Path, stage1: Path) -> list[Step]:
+    """Stage II (``with_stage2=true``): renders at every aspect ratio, their
+    codes, training from stage I, and the held-out prompts drawn and scored at every size."""
+    from mars_data.shapes import aspect_size
+
+    data, eval_prompts = out / "data", out / "data" / "eval" / f"prompts-{cfg.eval_seed}.jsonl"
+    sizes = [f"{w}x{h}" for w, h in (aspect_size(64, ratio) for ratio in cfg.stage2_aspect_ratios)]
+    codes, ckpt = data / "shapes_codes_ar" / "train", out / "stage2" / "mars"
+    steps = [
+        Step("renders_ar", lambda: ["-m", "mars_data.shapes", "shards", "--out", str(data / "shapes_ar"),
+                                    "--num-samples", str(cfg.stage2_samples), "--aspect-ratios", ",".join(cfg.stage2_aspect_ratios),
+                                    "--seed", str(cfg.seed)]),
+        Step("codes_ar", lambda: [str(APPS / "tokenize_shards.py"), f"tokenizer={tokenizer}", f"input={data / 'shapes_ar'}",
+                                  f"output={codes}", f"resolutions=[{','.join(sizes)}]", f"hydra.run.dir={out / 'codes_ar'}"]),
+        train_step("stage2", [*cfg.stage2, f"model.llm_path={llm}", f"model.tokenizer_path={tokenizer}", f"model.init_from={stage1}",
+                              f"data.train_shards={codes}", f"model.resolutions=[{','.join(sizes)}]"], out, cfg.seed),
+    ]
+    for size in sizes:
+        images = out / "eval_stage2" / size
+        steps += [
+            Step(f"generate_stage2_{size}", lambda images=images, size=size: [
+                str(APPS / "generate.py"), f"ckpt={ckpt}", f"prompts={eval_prompts}", f"resolution={size}", f"out={images}",
+                "overwrite=true", f"hydra.run.dir={images}"]),
+            Step(f"evaluate_stage2_{size}", lambda images=images: [
+                str(APPS / "evaluate.py"), "task=shapes", f"prompts={eval_prompts}", f"images={images}", f"hydra.run.dir={images}"]),
+        ]
+    return steps
 
 
 def write_sample_prompts(cfg: DictConfig, out: Path) -> Path:
@@ -170,6 +208,8 @@ def demo(cfg: DictConfig) -> None:
     print(f"  evaluation:       {out / 'eval_images' / 'base' / 'eval_summary.json'} (64 px), "
           f"{out / 'eval_images' / 'eval_summary.json'} (128 px, the cascade)")
     print(f"  captions:         {out / 'captions' / 'captions.jsonl'} (scores: caption_summary.json)")
+    if cfg.with_stage2:
+        print(f"  stage II:         {out / 'stage2' / 'mars'}, scored at each size: {out / 'eval_stage2'}/<WxH>/eval_summary.json")
     print(f"Draw with it:\n  python apps/generate.py ckpt={out / 'stage1' / 'mars'} prompt=\"a red circle above a blue square\"")
     print(f"  (at 128 px: add superres={out / 'stage3' / 'superres'} tokens_per_step={cfg.tokens_per_step} decode={cfg.decode})")
 

@@ -17,8 +17,10 @@ def test_demo_steps_are_the_projects_own_commands(make_cfg, tmp_path):
     groups = demo_steps(cfg, tmp_path)
     tokenizer_lane, lm_lane = groups[2]  # independent: side by side
     assert [s.name for s in tokenizer_lane] == ["tokenizer", "codes"] and [s.name for s in lm_lane] == ["lm", "renders_128"]
-    assert [s.name for s in groups[3]] == ["triplets", "stage1"]  # side by side too
-    steps = [s for g in groups for e in (g if isinstance(g, tuple) else (g,)) for s in (e if isinstance(e, list) else [e])]
+    triplets_lane, stage1_step = groups[3]  # side by side too
+    assert [s.name for s in triplets_lane] == ["triplets"] and stage1_step.name == "stage1"
+    assert [s.name for s in groups[4]] == ["stage3"]  # no stage II unless asked for
+    steps = flat(groups)
     assert [s.name for s in steps][:8] == ["eval_prompts", "eval_scenes", "tokenizer", "codes", "lm", "renders_128", "triplets", "stage1"]
     assert [s.name for s in steps][-2:] == ["captions", "evaluate_captions"]
     (tmp_path / "data" / "shapes" / "train-10-abc").mkdir(parents=True)  # what the tokenizer run leaves
@@ -32,6 +34,26 @@ def test_demo_steps_are_the_projects_own_commands(make_cfg, tmp_path):
     assert "experiment=shapes_stage3" in stage3 and f"model.base_path={tmp_path / 'stage1' / 'mars'}" in stage3
     cascade = next(s for s in steps if s.name == "generate_eval").args()
     assert f"superres={tmp_path / 'stage3' / 'superres'}" in cascade and "tokens_per_step=4" in cascade
+
+
+def flat(groups) -> list[Step]:
+    return [s for g in groups for e in (g if isinstance(g, tuple) else (g,)) for s in (e if isinstance(e, list) else [e])]
+
+
+def test_demo_with_stage2_trains_it_beside_stage3_and_scores_every_size(make_cfg, tmp_path):
+    cfg = make_cfg(["with_stage2=true", "stage2_aspect_ratios=[1:1,2:1]"], config_name="demo")
+    groups = demo_steps(cfg, tmp_path)
+    assert [s.name for s in groups[2][1]] == ["lm", "renders_128", "renders_ar"]
+    assert [s.name for s in groups[3][0]] == ["triplets", "codes_ar"]
+    stage3, stage2_lane = groups[4]
+    assert stage3.name == "stage3" and [s.name for s in stage2_lane] == [
+        "stage2", "generate_stage2_64x64", "evaluate_stage2_64x64", "generate_stage2_128x64", "evaluate_stage2_128x64"]
+    stage2 = stage2_lane[0].args()
+    assert "experiment=shapes_stage2" in stage2 and f"model.init_from={tmp_path / 'stage1' / 'mars' / 'semvie'}" in stage2
+    assert "model.resolutions=[64x64,128x64]" in stage2 and stage2_lane[0].resume_from == tmp_path / "stage2" / "checkpoints" / "last.ckpt"
+    assert "resolutions=[64x64,128x64]" in next(s for s in flat(groups) if s.name == "codes_ar").args()
+    assert "resolution=128x64" in stage2_lane[3].args() and f"ckpt={tmp_path / 'stage2' / 'mars'}" in stage2_lane[3].args()
+    assert f"images={tmp_path / 'eval_stage2' / '128x64'}" in stage2_lane[4].args()
 
 
 def test_a_rerun_skips_finished_steps_and_resumes_training_from_its_checkpoint(tmp_path):

@@ -99,8 +99,10 @@ def test_stage2_from_images_of_several_aspect_ratios(make_cfg, checkpoints, tmp_
     metrics = train(cfg)
     assert metrics["global_step"] == 3 and "eval/en_pair_binding" in metrics
     pipe = MarsPipeline.from_pretrained(Path(cfg.paths.output_dir) / "mars")
-    assert pipe.row_end and pipe.resolution_in_prompt
-    assert pipe.generate("a red circle", batch_size=1, resolution="32x16")[0].size == (32, 16)
+    assert pipe.row_end and pipe.resolution_in_prompt and pipe.model.config.grid_features == 8  # the recipe's
+    [image] = pipe.generate("a red circle", batch_size=1, resolution="32x16")
+    assert image.size == (32, 16)
+    assert isinstance(pipe.caption(image)[0], str)  # reading an image needs its grid too
 
 
 def build_module(make_cfg, checkpoints, tmp_path, *overrides):
@@ -184,7 +186,7 @@ def test_restatement_corpus_puts_objects_in_reading_order():
     assert restatement({**scene, "relation": "above"}) == "red circle above blue square"
     assert restatement({"objects": scene["objects"][:1]}) == "red circle"
     record = {"prompt": "一个红色的圆形在一个蓝色的正方形的下面", "scene": {**scene, "relation": "below"}}
-    assert corpus_text(record, (96, 64)) == "96x64 一个红色的圆形在一个蓝色的正方形的下面<|endoftext|>blue square above red circle"
+    assert corpus_text(record) == "一个红色的圆形在一个蓝色的正方形的下面<|endoftext|>blue square above red circle"
     assert restate_caption(record["prompt"]) == "blue square above red circle"
     blue, red = {"color": "blue", "shape": "square"}, {"color": "red", "shape": "circle"}
     assert parse_restatement("blue square above red circle") == {"objects": [blue, red], "relation": "above"}
@@ -246,10 +248,9 @@ def test_deepspeed_zero3_two_cpu_processes_fit_save_and_resume(checkpoints, tmp_
     MarsPipeline.from_pretrained(tmp_path / "second" / "mars").generate("a red circle", batch_size=1)
 
 
-@pytest.mark.parametrize("corpus", ["lm_corpus", "lm_corpus_stage2"])
-def test_shapes_lm_pretrains_on_the_restatement_corpus(make_cfg, corpus):
+def test_shapes_lm_pretrains_on_the_restatement_corpus(make_cfg):
     cfg = make_cfg([
-        "experiment=shapes_lm", f"data={corpus}", "logger=csv", "trainer.max_steps=2", "trainer.val_check_interval=2",
+        "experiment=shapes_lm", "logger=csv", "trainer.max_steps=2", "trainer.val_check_interval=2",
         "data.make_missing.0.python.3=600", "data.make_missing.1.python.3=100",  # --num: small corpora
         "model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_hidden_layers=1",
         "model.config.num_attention_heads=2", "model.config.num_key_value_heads=2",
@@ -257,8 +258,6 @@ def test_shapes_lm_pretrains_on_the_restatement_corpus(make_cfg, corpus):
     assert train(cfg)["global_step"] == 2
     texts = [json.loads(line)["prompt"] for line in Path(cfg.data.train_files[0]).read_text().splitlines()]
     assert all(text.count("<|endoftext|>") == 1 for text in texts)
-    with_size = [text for text in texts if text[0].isdigit()]  # stage II: "96x64 <caption>"
-    assert (len(with_size) > len(texts) // 4) if corpus == "lm_corpus_stage2" else not with_size
     tokenizer = AutoTokenizer.from_pretrained(Path(cfg.paths.output_dir) / "llm")
     eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     assert tokenizer(texts[0], add_special_tokens=False)["input_ids"].count(eot) == 1
