@@ -84,6 +84,14 @@ class Checkpoint(ModelCheckpoint):
             remove_stale_temporaries(self.dirpath)
         self._last_saved_at = -1
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # a run resumed in another directory (a copied run directory): Lightning forgets the old
+        # last path and would write last-v1.ckpt beside the stale last.ckpt, which a later resume
+        # from last.ckpt would then read; claim last.ckpt here so it stays the newest
+        if not self.last_model_path and self.dirpath:
+            self.last_model_path = str(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+
     def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
         self._save_last_checkpoint(trainer, monitor_candidates)
         super()._save_topk_checkpoint(trainer, monitor_candidates)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from apps.generate import generate
 from apps.train import train
 from mars_app.cli import OptionError
+from tests.conftest import compose_config
 from tests.test_generate import tiny_pipeline
 from tests.test_train import TINY
 
@@ -110,6 +112,17 @@ def test_last_checkpoint_is_written_first_and_loads(make_cfg):
     assert last.stat().st_mtime_ns <= step.stat().st_mtime_ns
     assert torch.load(last, weights_only=True)["global_step"] == 6
     assert sorted(p.name for p in directory.iterdir()) == ["last.ckpt", "step0000006.ckpt"]
+
+
+def test_a_run_resumed_in_a_copied_directory_keeps_last_checkpoint_the_newest(make_cfg, tmp_path):
+    first = make_cfg([*TINY, "trainer.max_steps=4"])
+    train(first)
+    moved = tmp_path / "moved"
+    shutil.copytree(first.paths.output_dir, moved / "run")
+    last = moved / "run" / "checkpoints" / "last.ckpt"
+    train(compose_config([*TINY, "trainer.max_steps=8", f"ckpt_path={last}"], moved))
+    assert torch.load(last, weights_only=True)["global_step"] == 8
+    assert not list(last.parent.glob("last-v*"))
 
 
 @pytest.mark.slow
