@@ -186,6 +186,20 @@ def test_training_sequences_write_the_high_res_size_and_drop_captions(world):
     assert 3 <= dropped <= 13  # about half of 16 captions dropped
 
 
+def test_stage3_parts_added_from_zero_train_at_their_own_learning_rate(world):
+    import lightning as L
+
+    module = SuperResModule(str(world["base"]), partial(torch.optim.AdamW, lr=1e-3), tokens_per_step=2, long_side=32,
+                            image_positions=80, aligned_hints=True, new_params_lr_scale=5.0)
+    module.trainer = L.Trainer(max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    optimizer = module.configure_optimizers()["optimizer"]
+    lr = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    model, trained = module.model, module.model.semvie.vision_head.weight
+    for new in (model.hires_embedding, model.hint_embedding.weight, model.head_hint_embedding.weight):
+        assert lr[id(new)] == pytest.approx(5 * lr[id(trained)])
+    assert {id(p) for p in model.parameters() if p.requires_grad} == set(lr)
+
+
 @pytest.mark.slow
 def test_deepspeed_zero3_two_cpu_processes_fit_and_export(world, tmp_path):
     """The paper's strategy: sharded weights are gathered for the export."""

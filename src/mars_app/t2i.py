@@ -63,7 +63,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from mars_app.pipeline import MarsPipeline
-from mars_core.schedule import warmup_cosine_scheduler
+from mars_core.schedule import build_optimizer, warmup_cosine_scheduler
 from mars_data.images import parse_resolution
 from mars_semvie import SemVIEConfig, SemVIEForCausalLM
 from mars_semvie.model import gathered
@@ -271,24 +271,7 @@ class TextToImageModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["caption"]), sync_dist=True)
 
     def configure_optimizers(self):
-        decay, no_decay, new = [], [], []
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            if name.startswith(NEW_PARTS):
-                new.append(p)
-            elif p.dim() < 2 or "embed" in name or "norm" in name:
-                no_decay.append(p)
-            else:
-                decay.append(p)
-        groups = [
-            {"params": decay},
-            {"params": no_decay, "weight_decay": 0.0},
-            {"params": new, "weight_decay": 0.0, "lr_scale": self.new_params_lr_scale},
-        ]
-        optimizer = self.optimizer([g for g in groups if g["params"]])
-        for group in optimizer.param_groups:
-            group["lr"] *= group.pop("lr_scale", 1.0)
+        optimizer = build_optimizer(self.optimizer, self.model.named_parameters(), new_parts=NEW_PARTS, new_lr_scale=self.new_params_lr_scale)
         schedule = warmup_cosine_scheduler(optimizer, self.trainer, warmup_ratio=self.warmup_ratio, min_lr_ratio=self.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mars_core import atomic_path, run_length, warmup_cosine, warmup_cosine_scheduler, write_json_atomic
+from mars_core import atomic_path, build_optimizer, run_length, warmup_cosine, warmup_cosine_scheduler, write_json_atomic
 from mars_core.io import remove_stale_temporaries
 
 
@@ -52,6 +52,31 @@ def test_scheduler_drives_an_optimizer():
     assert lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 17 / 18)))
     with pytest.raises(ValueError, match="exactly one"):
         warmup_cosine_scheduler(opt, trainer(max_steps=20))
+
+
+def test_optimizer_groups_decay_matrices_only_and_scale_the_new_parts():
+    model = torch.nn.ModuleDict({
+        "proj": torch.nn.Linear(4, 4), "norm": torch.nn.LayerNorm(4), "token_embed": torch.nn.Embedding(5, 4),
+        "hint_table": torch.nn.Embedding(3, 4), "frozen": torch.nn.Linear(4, 4),
+    })
+    model["frozen"].requires_grad_(False)
+    partial = lambda groups: torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.1)  # noqa: E731
+    opt = build_optimizer(partial, model.named_parameters(), new_parts=("hint_",), new_lr_scale=5.0)
+    by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
+    group = lambda p: by_param[id(p)]  # noqa: E731
+    assert id(model["frozen"].weight) not in by_param
+    assert (group(model["proj"].weight)["weight_decay"], group(model["proj"].weight)["lr"]) == (0.1, 1e-3)
+    for p in (model["proj"].bias, model["norm"].weight, model["token_embed"].weight):
+        assert (group(p)["weight_decay"], group(p)["lr"]) == (0.0, 1e-3)
+    assert (group(model["hint_table"].weight)["weight_decay"], group(model["hint_table"].weight)["lr"]) == (0.0, pytest.approx(5e-3))
+    assert all("lr_scale" not in g for g in opt.param_groups)
+    # the schedule scales each group from its own peak
+    sched = warmup_cosine_scheduler(opt, trainer(max_steps=10), warmup_steps=1, min_lr_ratio=0.5)["scheduler"]
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    assert group(model["hint_table"].weight)["lr"] == pytest.approx(2.5e-3)
+    assert group(model["proj"].weight)["lr"] == pytest.approx(5e-4)
 
 
 def test_atomic_write_keeps_the_old_file_on_error(tmp_path):

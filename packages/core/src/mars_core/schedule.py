@@ -1,4 +1,5 @@
-"""The one learning-rate schedule of every MARS training module, and the run length under it.
+"""The one learning-rate schedule of every MARS training module, the run length under it, and
+the optimizer's parameter groups it drives (``build_optimizer``).
 
 ``warmup_cosine``: a linear warm-up to the peak over the first ``warmup`` steps, then a cosine
 decay to ``min_lr_ratio`` of the peak at the run's last step (``min_lr_ratio=1``: constant
@@ -18,6 +19,7 @@ so a run cut by its time limit still ends decayed rather than at its peak.
 from __future__ import annotations
 
 import math
+from typing import Callable, Iterable
 
 import torch
 
@@ -46,6 +48,35 @@ def warmup_cosine(step: int, total: int, warmup: int, min_lr_ratio: float, done:
         return (step + 1) / warmup
     progress = min(1.0, max(0.0, (share - warmup_share) / max(1e-8, 1.0 - warmup_share)))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(
+    optimizer: Callable[[list[dict]], torch.optim.Optimizer],
+    named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
+    *,
+    new_parts: tuple[str, ...] = (),
+    new_lr_scale: float = 1.0,
+) -> torch.optim.Optimizer:
+    """The optimizer (``optimizer``: a partial taking parameter groups) over the trainable ones of
+    ``named_parameters``: weight decay on matrices only (not on biases, norms, embeddings, learned
+    positions); the parameters whose names start with ``new_parts`` in a group of their own,
+    without decay, at ``new_lr_scale`` times the learning rate: they start from nothing while
+    the rest starts trained, so at one learning rate they would lag behind (docs/LOG.md)."""
+    decay, no_decay, new = [], [], []
+    for name, p in named_parameters:
+        if not p.requires_grad:
+            continue
+        if name.startswith(new_parts):
+            new.append(p)
+        elif p.dim() < 2 or any(part in name for part in ("embed", "norm", "image_position")):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}, {"params": new, "weight_decay": 0.0, "lr_scale": new_lr_scale}]
+    built = optimizer([g for g in groups if g["params"]])
+    for group in built.param_groups:
+        group["lr"] *= group.pop("lr_scale", 1.0)
+    return built
 
 
 def warmup_cosine_scheduler(

@@ -14,8 +14,10 @@ Design choices:
   low-res image stays: guidance then amplifies the caption), drawn from the data stream's
   seeded generator so a resumed run repeats the draws.
 - **Optimizer**: AdamW (``optimizer``, partial) over the trainable weights only (visual
-  experts, embeddings, vision head, K-1 heads, type embedding); no weight decay on norms,
-  biases and embeddings. Schedule: ``mars_core.schedule.warmup_cosine_scheduler``.
+  experts, embeddings, vision head, K-1 heads, type embedding, hint tables), built by
+  ``mars_core.schedule.build_optimizer``: no weight decay on norms, biases and embeddings; the
+  parts stage III adds from zero (``NEW_PARTS``) at ``new_params_lr_scale`` times the
+  learning rate, as stage I's new parts. Schedule: ``mars_core.schedule.warmup_cosine_scheduler``.
 - **No EMA** here: the paper reports none for stage III, and ZeRO-3 (its strategy) shards
   the weights.
 - **Export** (``export_dir``, at the end of training): ``SuperResModel.save_pretrained``
@@ -35,11 +37,13 @@ from typing import Callable
 import lightning as L
 import torch
 
-from mars_core.schedule import warmup_cosine_scheduler
+from mars_core.schedule import build_optimizer, warmup_cosine_scheduler
 from mars_semvie import sequences as seq
 from mars_superres.model import SuperResConfig, SuperResModel, build_triplet
 
 TOKENIZER_DIR, TEXT_TOKENIZER_DIR, BASE_CONFIG = "tokenizer", "text_tokenizer", "mars.json"
+# what stage III adds from zero (the base's parts start trained): the high-res type embedding, the hint tables
+NEW_PARTS = ("hires_embedding", "hint_embedding", "head_hint_embedding")
 
 
 def read_base(base_path: str | Path) -> dict:
@@ -95,6 +99,7 @@ class SuperResModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         warmup_ratio: float = 0.01,
         min_lr_ratio: float = 0.1,
+        new_params_lr_scale: float = 1.0,  # lr x this for the parts that start from zero (NEW_PARTS)
         llm_path: str | None = None,  # where the frozen LLM is, if it moved since the base was saved
         export_dir: str | None = None,
         seed: int = 0,
@@ -123,6 +128,7 @@ class SuperResModule(L.LightningModule):
         self.optimizer = optimizer
         self.warmup_ratio = warmup_ratio
         self.min_lr_ratio = min_lr_ratio
+        self.new_params_lr_scale = new_params_lr_scale
         self.llm_path = llm_path
         self.export_dir = export_dir
         self.seed = seed
@@ -148,12 +154,7 @@ class SuperResModule(L.LightningModule):
         return out.loss
 
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.dim() < 2 or "embed" in name or "norm" in name or "image_position" in name else decay).append(p)
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = self.optimizer([g for g in groups if g["params"]])
+        optimizer = build_optimizer(self.optimizer, self.model.named_parameters(), new_parts=NEW_PARTS, new_lr_scale=self.new_params_lr_scale)
         schedule = warmup_cosine_scheduler(optimizer, self.trainer, warmup_ratio=self.warmup_ratio, min_lr_ratio=self.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 
