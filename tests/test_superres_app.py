@@ -12,6 +12,7 @@ import random
 from functools import partial
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -187,8 +188,6 @@ def test_training_sequences_write_the_high_res_size_and_drop_captions(world):
 
 
 def test_stage3_parts_added_from_zero_train_at_their_own_learning_rate(world):
-    import lightning as L
-
     module = SuperResModule(str(world["base"]), partial(torch.optim.AdamW, lr=1e-3), tokens_per_step=2, long_side=32,
                             image_positions=80, aligned_hints=True, new_params_lr_scale=5.0)
     module.trainer = L.Trainer(max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False)
