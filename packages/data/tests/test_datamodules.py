@@ -15,7 +15,7 @@ from PIL import Image
 from mars_data import ShapesDataModule, ShardDataModule
 from mars_data.shapes import render, write_shards
 from mars_data.tars import write_samples
-from mars_data.webdata import expand_urls
+from mars_data.webdata import SkipCounter, expand_urls
 
 
 def encode(image, fmt="PNG"):
@@ -236,3 +236,19 @@ def test_shapes_of_two_sizes_come_in_batches_of_one_size(tmp_path):
     datamodule.setup("fit")
     sizes = [tuple(batch["image"].shape[-2:]) for batch in datamodule.train_dataloader()]
     assert set(sizes) == {(16, 16), (32, 32)} and len(sizes) >= 64 // 4
+
+
+def test_skips_are_all_counted_and_the_log_gets_a_reasons_first_ten_then_powers_of_ten(caplog):
+    skips = SkipCounter(["a.tar", "b.tar"], max_failures=10**6)
+    with caplog.at_level(logging.WARNING, logger="mars_data.webdata"):
+        for i in range(1500):
+            skips.skip("a.tar" if i % 2 else "b.tar", "untrained_size", f"sample {i}")
+            if i % 100 == 0:
+                skips.ok()
+        skips.skip("a.tar", "bad_codes", "sample x")
+    assert skips.by_reason()["untrained_size"] == 1500 and skips.count == 1501
+    assert skips.by_shard()["a.tar"] == {"untrained_size": 750, "bad_codes": 1}
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 10 + 2 + 1  # 1..10, 100, 1000 of one reason; the other's first
+    assert lines[11].endswith("1000 skipped so far, 1000 for untrained_size")
+    assert "bad_codes" in lines[12]

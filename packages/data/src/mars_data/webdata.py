@@ -115,6 +115,7 @@ class SkipCounter:
         "small_image",  # smaller than the random crop asked for
         "bad_sample",  # anything else
     )
+    LOGGED_PER_REASON = 10
 
     def __init__(self, urls: Sequence[str], max_failures: int = 1000):
         self.urls = list(urls)
@@ -142,13 +143,19 @@ class SkipCounter:
 
     def skip(self, url: str, reason: str, message: str, count: int = 1) -> None:
         row = self.urls.index(url) if url in self.urls else 0
+        column = self.REASONS.index(reason)
         with self._counts.get_lock():
-            self._counts[row * len(self.REASONS) + self.REASONS.index(reason)] += count
+            self._counts[row * len(self.REASONS) + column] += count
             total = sum(self._counts[:])
+            of_reason = sum(self._counts[column :: len(self.REASONS)])
         with self._streak.get_lock():
             self._streak.value += 1
             streak = self._streak.value
-        log.warning("skipped %s (%s: %s); %d skipped so far", url, reason, message, total)
+        # Every skip is counted (SkipMetrics logs them); the log gets a reason's first ones and then
+        # one line per power of ten, since a run that trains on some of the shards' sizes skips
+        # the others by design, hundreds of thousands of times.
+        if of_reason <= self.LOGGED_PER_REASON or len(str(of_reason)) > len(str(of_reason - count)):
+            log.warning("skipped %s (%s: %s); %d skipped so far, %d for %s", url, reason, message, total, of_reason, reason)
         if streak >= self.max_failures:
             shards = "; ".join(
                 f"{url}: " + ", ".join(f"{r} {c}" for r, c in row.items())
