@@ -12,7 +12,9 @@ img2dataset layout) becomes a (low-res codes, caption, high-res codes) triplet:
   bicubic resize blends every edge), then the optional degradations (Gaussian blur, JPEG
   re-encoding) that make the model robust to the base model's outputs;
 - both encoded with the VQ tokenizer: ``<key>.codes.npy`` (high-res) and
-  ``<key>.lowres.codes.npy``; the caption and record members (txt, json) are copied, the image
+  ``<key>.lowres.codes.npy``, the low-res codes by default of the tokenizer's own
+  reconstruction (``degradations.round_trip``: encode, decode to 8-bit pixels, encode again),
+  since the cascade reads its base image, a decoded one, that way; the caption and record members (txt, json) are copied, the image
   only with ``keep_images``. Training reads them with ``data=superres_triplets``.
 
 Shards keep their file names; each is written to a temporary name and renamed when complete
@@ -88,18 +90,32 @@ class TripletMaker:
             lo = load_image(buffer.getvalue(), "the degraded low-res image")
         return to_tensor(hi), to_tensor(lo)
 
-    def encode(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Codes of each image, encoded in batches of equal size."""
-        codes: list = [None] * len(images)
-        by_size: dict[tuple, list[int]] = {}
-        for i, image in enumerate(images):
-            by_size.setdefault(tuple(image.shape), []).append(i)
-        for indices in by_size.values():
+    def batched(self, items: list[torch.Tensor], fn) -> list[torch.Tensor]:
+        """``fn`` over same-shape batches of ``items``, one output per item, in order."""
+        out: list = [None] * len(items)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, item in enumerate(items):
+            by_shape.setdefault(tuple(item.shape), []).append(i)
+        for indices in by_shape.values():
             for start in range(0, len(indices), self.cfg.batch_size):
                 chunk = indices[start : start + self.cfg.batch_size]
-                for i, c in zip(chunk, self.tokenizer.encode(torch.stack([images[i] for i in chunk])).cpu()):
-                    codes[i] = c
-        return codes
+                for i, y in zip(chunk, fn(torch.stack([items[i] for i in chunk])).cpu()):
+                    out[i] = y
+        return out
+
+    def encode(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Codes of each image."""
+        return self.batched(images, self.tokenizer.encode)
+
+    def round_trip(self, codes: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The codes of each code grid's decoded image, quantized to 8 bits as a saved image is:
+        what the cascade reads from a base image (a decode). About 12% of the shapes demo
+        tokenizer's codes change on the way (docs/LOG.md)."""
+        def again(batch: torch.Tensor) -> torch.Tensor:
+            pixels = ((self.tokenizer.decode(batch).clamp(-1, 1) + 1) * 127.5).round()
+            return self.tokenizer.encode(pixels / 127.5 - 1)
+
+        return self.batched(codes, again)
 
     def shard(self, source: str, target: Path, bar: tqdm) -> None:
         samples = []
@@ -128,6 +144,8 @@ class TripletMaker:
             samples.append((key, keep, hi, lo))
         high = self.encode([s[2] for s in samples])
         low = self.encode([s[3] for s in samples])
+        if self.cfg.degradations.round_trip:
+            low = self.round_trip(low)
         with atomic_path(target) as tmp, tarfile.open(tmp, "w") as out:
             for (key, members, _, _), hi_codes, lo_codes in zip(samples, high, low):
                 members = members + [

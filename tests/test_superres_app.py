@@ -45,7 +45,7 @@ def world(checkpoints, tmp_path_factory) -> dict[str, Path]:
     shapes.write_shards(root / "images", 48, seed=0, size=32, samples_per_shard=24, processes=1)
     cfg = OmegaConf.create(dict(
         tokenizer=str(checkpoints["vq"]), input=str(root / "images"), output=str(root / "triplets"), lowres_short_side=16,
-        long_side=32, degradations={"blur": 0.5, "jpeg_quality": 90}, keep_images=False, batch_size=16, device="cpu",
+        long_side=32, degradations={"blur": 0.5, "jpeg_quality": 90, "round_trip": True}, keep_images=False, batch_size=16, device="cpu",
         lowres_member=None,
     ))
     superres_shards(cfg)
@@ -80,8 +80,8 @@ def test_triplets_take_the_samples_own_lowres_render(world, tmp_path):
     shapes.write_shards(tmp_path / "images", 6, seed=1, size=32, lowres=16, samples_per_shard=3, processes=1)
     cfg = OmegaConf.create(dict(
         tokenizer=str(world["vq"]), input=str(tmp_path / "images"), output=str(tmp_path / "triplets"), lowres_short_side=16,
-        long_side=32, degradations={"blur": 0.0, "jpeg_quality": None}, keep_images=False, batch_size=16, device="cpu",
-        lowres_member="lowres.png",
+        long_side=32, degradations={"blur": 0.0, "jpeg_quality": None, "round_trip": False}, keep_images=False, batch_size=16,
+        device="cpu", lowres_member="lowres.png",
     ))
     superres_shards(cfg)
     data = ShardDataModule(str(tmp_path / "triplets"), batch_size=6, shuffle_buffer=0, load_images=False, load_codes=True, extra_codes=["lowres"])
@@ -92,6 +92,16 @@ def test_triplets_take_the_samples_own_lowres_render(world, tmp_path):
     assert torch.equal(vq.encode(renders), batch["lowres_codes"])
     resized = torch.stack([to_tensor(shapes.render(r["scene"], 32).resize((16, 16), Image.Resampling.BICUBIC)) for r in batch["record"]])
     assert not torch.equal(vq.encode(resized), batch["lowres_codes"])  # the option changes what the model reads
+    # round_trip: the codes of the tokenizer's reconstruction as an 8-bit image, what the cascade reads
+    cfg.degradations.round_trip, cfg.output = True, str(tmp_path / "round_trip")
+    superres_shards(cfg)
+    trip = ShardDataModule(cfg.output, batch_size=6, shuffle_buffer=0, load_images=False, load_codes=True, extra_codes=["lowres"])
+    again = next(iter(trip.train_dataloader()))
+    assert again["key"] == batch["key"]
+    decoded = ((vq.decode(vq.encode(renders)) + 1) * 127.5).round() / 127.5 - 1
+    assert torch.equal(vq.encode(decoded), again["lowres_codes"])
+    assert not torch.equal(again["lowres_codes"], batch["lowres_codes"])
+    assert torch.equal(again["codes"], batch["codes"])  # the high-res targets are untouched
     # shards without the member: every sample skipped and counted, nothing written for them
     cfg.input, cfg.output = str(world["images"]), str(tmp_path / "none")
     from mars_data.tars import read_samples
