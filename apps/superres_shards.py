@@ -12,10 +12,10 @@ img2dataset layout) becomes a (low-res codes, caption, high-res codes) triplet:
   bicubic resize blends every edge), then the optional degradations (Gaussian blur, JPEG
   re-encoding) that make the model robust to the base model's outputs;
 - both encoded with the VQ tokenizer: ``<key>.codes.npy`` (high-res) and
-  ``<key>.lowres.codes.npy``, the low-res codes by default of the tokenizer's own
-  reconstruction (``degradations.round_trip``: encode, decode to 8-bit pixels, encode again),
-  since the cascade reads its base image, a decoded one, that way; the caption and record members (txt, json) are copied, the image
-  only with ``keep_images``. Training reads them with ``data=superres_triplets``.
+  ``<key>.lowres.codes.npy``, by default the low-res codes of the tokenizer's own
+  reconstruction (``degradations.round_trip``: encode, decode to an 8-bit image, encode again),
+  as the cascade reads its base image, a decoded one; the caption and record members (txt,
+  json) are copied, the image only with ``keep_images``. Training reads them with ``data=superres_triplets``.
 
 Shards keep their file names; each is written to a temporary name and renamed when complete
 (``mars_core.io.atomic_path``). A sample whose image cannot be read is skipped and counted.
@@ -35,6 +35,7 @@ from omegaconf import DictConfig
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
+from mars_app.pipeline import to_pil
 from mars_core.io import atomic_path
 from mars_data.images import load_image
 from mars_data.tars import npy_member, read_samples, split_key
@@ -112,8 +113,7 @@ class TripletMaker:
         what the cascade reads from a base image (a decode). About 12% of the shapes demo
         tokenizer's codes change on the way (docs/LOG.md)."""
         def again(batch: torch.Tensor) -> torch.Tensor:
-            pixels = ((self.tokenizer.decode(batch).clamp(-1, 1) + 1) * 127.5).round()
-            return self.tokenizer.encode(pixels / 127.5 - 1)
+            return self.tokenizer.encode(torch.stack([to_tensor(image) for image in to_pil(self.tokenizer.decode(batch))]))
 
         return self.batched(codes, again)
 
