@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
 from apps.tokenize_shards import tokenize_shards
 from apps.train import train
+from mars_app.cli import root_error
 from mars_app.lm_corpus import corpus_text
 from mars_app.pipeline import MarsPipeline
 from mars_core.schedule import warmup_cosine
@@ -228,6 +229,20 @@ class BuiltInSlices(L.Callback):
             assert torch.equal(model.visual_embed.weight[0], text.mean(0))
             for expert_weight, text_weight in pairs[2:]:
                 assert torch.equal(expert_weight, text_weight)
+
+
+def test_a_missing_model_directory_is_one_error_naming_its_option(make_cfg, checkpoints, tmp_path):
+    """transformers would read a missing LLM directory as a hub repo id; the module refuses it first."""
+    nowhere = tmp_path / "nowhere"
+    failed = run_cli([*tiny_overrides(checkpoints, tmp_path), f"model.llm_path={nowhere}"], cwd=tmp_path, check=False)
+    assert failed.returncode == 2
+    assert failed.stderr.strip().splitlines()[-1] == (
+        f"error: model.llm_path={nowhere}: no such directory (the text LLM: a Hugging Face causal LM directory with its tokenizer)")
+    for option in ("model.tokenizer_path", "model.init_from"):
+        with pytest.raises(hydra.errors.InstantiationException) as raised:
+            train(make_cfg([*tiny_overrides(checkpoints, tmp_path), f"{option}={nowhere}"]))
+        error = root_error(raised.value)
+        assert isinstance(error, FileNotFoundError) and str(error).startswith(f"{option}={nowhere}: no such directory")
 
 
 def test_deepspeed_zero3_two_cpu_processes_fit_save_and_resume(checkpoints, tmp_path):

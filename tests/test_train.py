@@ -19,14 +19,15 @@ EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml
 TINY = ["+model._target_=tests.tiny_module.TinyRegression", "+data._target_=tests.tiny_module.TinyData"]
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run apps/train.py as a user would; the run writes under cwd (paths.root_dir)."""
+def run_cli(args: list[str], cwd: Path, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run apps/train.py as a user would; the run writes under cwd (paths.root_dir). ``check``:
+    it must succeed."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MARS_ROOT": str(cwd)}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "apps" / "train.py"), *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not check or proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 

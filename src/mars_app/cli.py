@@ -61,13 +61,24 @@ def one_line(error: BaseException) -> str:
     return " ".join(line.strip() for line in lines)
 
 
+def root_error(error: BaseException) -> BaseException:
+    """The error a config's ``_target_`` raised, out of Hydra's ``InstantiationException`` (which
+    wraps it with ``raise ... from``): its message names the option, the wrapper's the class."""
+    from hydra.errors import InstantiationException
+
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
 def run_app(work: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """Run an app's work on its config; errors become one line and an exit code (above)."""
     try:
         return work(cfg)
-    except Exception as error:
+    except Exception as raised:
         if os.environ.get("HYDRA_FULL_ERROR") == "1" or _in_multirun():
             raise
+        error = root_error(raised)
         print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(2 if isinstance(error, BAD_INPUT) else 1)
 

@@ -63,6 +63,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from mars_app.pipeline import MarsPipeline
+from mars_core import require_path
 from mars_core.schedule import build_optimizer, warmup_cosine_scheduler
 from mars_data.images import parse_resolution
 from mars_semvie import SemVIEConfig, SemVIEForCausalLM
@@ -125,6 +126,10 @@ class TextToImageModule(L.LightningModule):
 
         if not isinstance(getattr(torch, llm_dtype, None), torch.dtype):
             raise ValueError(f"model.llm_dtype={llm_dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+        require_path("model.llm_path", llm_path, "the text LLM: a Hugging Face causal LM directory with its tokenizer")
+        require_path("model.tokenizer_path", tokenizer_path, "the VQ tokenizer's directory (<tokenizer run>/tokenizer)")
+        if init_from:
+            require_path("model.init_from", init_from, "a SemVIE directory to start from (<stage I run>/mars/semvie)")
         self.text_tokenizer = AutoTokenizer.from_pretrained(llm_path)
         # the VQ tokenizer is frozen and not part of the trained module (no checkpoint, no sharding)
         self._vq = [VQTokenizer.from_pretrained(tokenizer_path).eval().requires_grad_(False)]

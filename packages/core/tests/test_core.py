@@ -1,4 +1,4 @@
-"""mars_core: the schedule's shape and run length, atomic writing."""
+"""mars_core: the schedule's shape and run length, atomic writing, the check of a given path."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mars_core import atomic_path, build_optimizer, run_length, warmup_cosine, warmup_cosine_scheduler, write_json_atomic
+from mars_core import (
+    atomic_path, build_optimizer, require_path, run_length, warmup_cosine, warmup_cosine_scheduler, write_json_atomic,
+)
 from mars_core.io import remove_stale_temporaries
 
 
@@ -95,3 +97,16 @@ def test_stale_temporaries_are_removed(tmp_path):
     (tmp_path / "last.ckpt").write_bytes(b"y")
     assert [p.name for p in remove_stale_temporaries(tmp_path)] == [".last.ckpt.tmp-123"]
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_require_path_names_the_option_for_an_unset_or_missing_path(tmp_path):
+    (tmp_path / "weights.pth").write_bytes(b"")
+    assert require_path("model.llm_path", str(tmp_path), "the LLM") == tmp_path
+    assert require_path("fid.weights", tmp_path / "weights.pth", "the weights", directory=False) == tmp_path / "weights.pth"
+    for unset in (None, "", "???"):
+        with pytest.raises(ValueError, match=r"^model\.llm_path is not set: give the LLM \(model\.llm_path=/path\); see X$"):
+            require_path("model.llm_path", unset, "the LLM", hint="; see X")
+    with pytest.raises(FileNotFoundError, match=r"^model\.llm_path=.*weights\.pth: no such directory \(the LLM\)$"):
+        require_path("model.llm_path", tmp_path / "weights.pth", "the LLM")  # a file where a directory belongs
+    with pytest.raises(FileNotFoundError, match=r"^fid\.weights=.*: no such file \(the weights\)$"):
+        require_path("fid.weights", tmp_path, "the weights", directory=False)

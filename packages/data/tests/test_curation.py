@@ -291,10 +291,10 @@ def test_aesthetic_head_loads_the_reference_layout(tmp_path):
 def test_a_missing_model_path_names_the_option(models, tmp_path):
     with pytest.raises(ValueError, match=r"curate\.clip\.model is not set"):
         Recipe.from_dict({"aesthetic": {"enabled": False}, "recaption": {"enabled": False}})
-    with pytest.raises(ValueError, match=r"curate\.recaption\.model=/nowhere: no such directory"):
+    with pytest.raises(FileNotFoundError, match=r"curate\.recaption\.model=/nowhere: no such directory.*recaption\.enabled=false"):
         Recipe.from_dict({"clip": {"model": str(models["clip"])}, "aesthetic": {"head": str(models["head"])},
                           "recaption": {"model": "/nowhere"}})
-    with pytest.raises(ValueError, match=r"curate\.aesthetic\.head=.*: no such file"):
+    with pytest.raises(FileNotFoundError, match=r"curate\.aesthetic\.head=.*: no such file"):
         Recipe.from_dict({"clip": {"model": str(models["clip"])}, "aesthetic": {"head": str(tmp_path / "none.pth")},
                           "recaption": {"enabled": False}})
     with pytest.raises(ValueError, match=r"curate\.clip: unknown keys \['treshold'\]"):

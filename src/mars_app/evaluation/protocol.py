@@ -32,18 +32,6 @@ HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch
 DOCS = "docs/EVALUATION.md"
 
 
-def require_path(option: str, value: str | Path | None, directory: bool = False) -> Path:
-    """``value`` as a Path when it exists (a directory when ``directory``); else one clear error naming ``option``."""
-    if value is None or str(value) == "":
-        raise ValueError(f"{option} is not set: give the local {'directory' if directory else 'file'} (see {DOCS})")
-    path = Path(value)
-    if directory and not path.is_dir():
-        raise FileNotFoundError(f"{option}={path}: no such directory (see {DOCS} for where to get it)")
-    if not directory and not path.is_file():
-        raise FileNotFoundError(f"{option}={path}: no such file (see {DOCS} for where to get it)")
-    return path
-
-
 def weights_record(path: Path) -> dict:
     """``{"weights", "sha256"}`` of a weights file, or of a Hugging Face model directory's weights
     file (for sharded weights, the index file: it names every shard)."""

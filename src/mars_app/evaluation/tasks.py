@@ -12,6 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from mars_core import require_path
 from mars_core.io import write_text_atomic
 
 from .benchmarks import COCO_CAPTIONS
@@ -20,22 +21,23 @@ from .compbench import BLIP_VQA, BLIP_VQA_PROTOCOL, CLIP_CATEGORIES, OFFICIAL_ON
 from .fid import Preprocess, frechet_inception_distance
 from .geneval import check_layout, summarize_results
 from .inception import FIDInceptionV3
-from .protocol import DOCS, generation_record, read_images, require_path, weights_record, write_summary
+from .protocol import DOCS, generation_record, read_images, weights_record, write_summary
 
 TASKS = ("fid", "clipscore", "compbench", "geneval")
+SOURCES = f" (see {DOCS} for where to get it)"
 
 
 def evaluate_benchmark(cfg: DictConfig) -> dict:
     if cfg.task not in TASKS:
         raise ValueError(f"unknown benchmark task {cfg.task!r}; known: {', '.join(TASKS)}")
-    images = require_path("images", cfg.get("images"), directory=True)
+    images = require_path("images", cfg.get("images"), "the generated images (apps/generate.py benchmark=...)")
     out = Path(cfg.out) if cfg.get("out") else images
     return {"fid": fid, "clipscore": clipscore, "compbench": compbench, "geneval": geneval}[cfg.task](cfg, images, out)
 
 
 def fid(cfg: DictConfig, images: Path, out: Path) -> dict:
-    weights = require_path("fid.weights", cfg.fid.weights)
-    reference = require_path("fid.reference", cfg.fid.reference, directory=True)
+    weights = require_path("fid.weights", cfg.fid.weights, "the FID Inception-v3 weights file", directory=False, hint=SOURCES)
+    reference = require_path("fid.reference", cfg.fid.reference, "the reference images", hint=SOURCES)
     preprocess = Preprocess(cfg.fid.resize, cfg.fid.crop, cfg.fid.resample)
     network = weights_record(weights)
     value, record = frechet_inception_distance(
@@ -51,7 +53,7 @@ def fid(cfg: DictConfig, images: Path, out: Path) -> dict:
 
 
 def clipscore(cfg: DictConfig, images: Path, out: Path) -> dict:
-    directory = require_path("clip.model", cfg.clip.model, directory=True)
+    directory = require_path("clip.model", cfg.clip.model, "a local CLIP model directory", hint=SOURCES)
     captions = images / COCO_CAPTIONS
     if not captions.is_file():
         raise FileNotFoundError(f"images={images} has no {COCO_CAPTIONS} (apps/generate.py benchmark=coco writes it)")
@@ -75,11 +77,11 @@ def compbench(cfg: DictConfig, images: Path, out: Path) -> dict:
     vqa = clip = None
     models = {}
     if names & set(BLIP_VQA):
-        directory = require_path("compbench.blip", cfg.compbench.blip, directory=True)
+        directory = require_path("compbench.blip", cfg.compbench.blip, "a local BLIP VQA model directory", hint=SOURCES)
         vqa = BlipVQA(directory, cfg.device)
         models["blip_vqa"] = {"model": str(directory), **weights_record(directory), **BLIP_VQA_PROTOCOL}
     if names & set(CLIP_CATEGORIES):
-        directory = require_path("compbench.clip", cfg.compbench.clip, directory=True)
+        directory = require_path("compbench.clip", cfg.compbench.clip, "a local CLIP model directory", hint=SOURCES)
         clip = load_clip(directory)
         models["clip"] = {"model": str(directory), "architecture": clip[0].describe(), **weights_record(directory),
                           "score": "mean cosine (torchmetrics CLIPScore / 100)"}
@@ -110,7 +112,7 @@ def compbench(cfg: DictConfig, images: Path, out: Path) -> dict:
 def geneval(cfg: DictConfig, images: Path, out: Path) -> dict:
     layout = check_layout(images)
     results = cfg.geneval.results
-    scores = summarize_results(require_path("geneval.results", results)) if results else {}
+    scores = summarize_results(require_path("geneval.results", results, "the official scorer's results.jsonl", directory=False, hint=SOURCES)) if results else {}
     if not results:
         print(f"geneval: {layout['prompts']} prompts, {layout['images']} images in GenEval's layout; score them with the "
               f"official scorer (see {DOCS}), then pass geneval.results=<its results.jsonl>")

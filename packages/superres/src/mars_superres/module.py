@@ -37,6 +37,7 @@ from typing import Callable
 import lightning as L
 import torch
 
+from mars_core import require_path
 from mars_core.schedule import build_optimizer, warmup_cosine_scheduler
 from mars_semvie import sequences as seq
 from mars_superres.model import SuperResConfig, SuperResModel, build_triplet
@@ -48,10 +49,10 @@ NEW_PARTS = ("hires_embedding", "hint_embedding", "head_hint_embedding")
 
 def read_base(base_path: str | Path) -> dict:
     """The base checkpoint's ``mars.json``, after checking the directory's layout."""
-    base = Path(base_path)
+    base = require_path("model.base_path", base_path, "a stage II MARS checkpoint directory (<run dir>/mars)")
     missing = [n for n in (BASE_CONFIG, "semvie", TOKENIZER_DIR, TEXT_TOKENIZER_DIR) if not (base / n).exists()]
     if missing:
-        raise FileNotFoundError(f"base_path={base} is not a MARS checkpoint directory: missing {', '.join(missing)}")
+        raise FileNotFoundError(f"model.base_path={base} is not a MARS checkpoint directory: missing {', '.join(missing)}")
     return json.loads((base / BASE_CONFIG).read_text())
 
 
@@ -110,6 +111,8 @@ class SuperResModule(L.LightningModule):
         from mars_tokenizer import VQTokenizer
 
         base = read_base(base_path)
+        if llm_path:
+            require_path("model.llm_path", llm_path, "the base's text LLM directory, if it moved since the base was saved")
         self.base_path = Path(base_path)
         if head1_share is not None:
             if head_weights is not None:

@@ -25,17 +25,6 @@ import torch
 from torch import nn
 
 
-def require_path(value: str | None, option: str, what: str, directory: bool = True) -> Path:
-    """``value`` as an existing path, else a ValueError naming ``option``."""
-    if value in (None, "", "???"):
-        raise ValueError(f"{option} is not set: give {what} ({option}=/path), or turn the step off "
-                         f"({option.rsplit('.', 1)[0]}.enabled=false)")
-    path = Path(value).expanduser()
-    if not (path.is_dir() if directory else path.is_file()):
-        raise ValueError(f"{option}={value}: no such {'directory' if directory else 'file'} ({what})")
-    return path
-
-
 def fingerprint(path: str | Path) -> str:
     """``<name>@<12 hex>``: for a file its sha256; for a model directory the sha256 of its
     config files and of the names and sizes of its other files (weights are not read)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from mars_data.curation.models import require_path
+from mars_core import require_path
 
 
 @dataclass
@@ -94,15 +94,21 @@ class Recipe:
         """Every enabled step's path exists and every selection is well formed; errors name the option."""
         if self.size.min_short_side < 1 or self.size.max_aspect_ratio < 1:
             raise ValueError(f"{option}.size: min_short_side must be >= 1 and max_aspect_ratio >= 1")
+
+        def off(step: str) -> str:
+            return f", or turn the step off ({option}.{step}.enabled=false)"
+
         if self.clip.enabled:
-            require_path(self.clip.model, f"{option}.clip.model", "a local CLIP model directory")
+            require_path(f"{option}.clip.model", self.clip.model, "a local CLIP model directory", hint=off("clip"))
         if self.aesthetic.enabled:
             if not self.clip.enabled:
                 raise ValueError(f"{option}.aesthetic reads the CLIP step's image embeddings: set {option}.clip.enabled=true "
                                  f"with a CLIP ViT-L/14 as {option}.clip.model, or {option}.aesthetic.enabled=false")
-            require_path(self.aesthetic.head, f"{option}.aesthetic.head", "the aesthetic predictor's weights file", directory=False)
+            require_path(f"{option}.aesthetic.head", self.aesthetic.head, "the aesthetic predictor's weights file", directory=False,
+                         hint=off("aesthetic"))
         if self.recaption.enabled:
-            require_path(self.recaption.model, f"{option}.recaption.model", "a local image-text-to-text model directory")
+            require_path(f"{option}.recaption.model", self.recaption.model, "a local image-text-to-text model directory",
+                         hint=off("recaption"))
         for name in ("clip", "aesthetic"):
             fraction = getattr(self, name).top_fraction
             if fraction is not None and not 0 < fraction <= 1:
