@@ -101,6 +101,7 @@ def test_stage2_from_images_of_several_aspect_ratios(make_cfg, checkpoints, tmp_
     assert metrics["global_step"] == 3 and "eval/en_pair_binding" in metrics
     pipe = MarsPipeline.from_pretrained(Path(cfg.paths.output_dir) / "mars")
     assert pipe.row_end and pipe.resolution_in_prompt and pipe.model.config.grid_features == 8  # the recipe's
+    assert pipe.model.config.grid_heads == ["4x8", "4x4"]  # a head per size (the tiny tokenizer's 4 px codes)
     [image] = pipe.generate("a red circle", batch_size=1, resolution="32x16")
     assert image.size == (32, 16)
     assert isinstance(pipe.caption(image)[0], str)  # reading an image needs its grid too
@@ -111,6 +112,18 @@ def build_module(make_cfg, checkpoints, tmp_path, *overrides):
     module = hydra.utils.instantiate(cfg.model)
     module.configure_model()  # what the trainer calls
     return module
+
+
+def test_grid_heads_start_as_the_vision_head_of_the_checkpoint_they_start_from(make_cfg, checkpoints, tmp_path):
+    first = build_module(make_cfg, checkpoints, tmp_path)  # a stage I model: one vision head
+    with torch.no_grad():
+        first.model.vision_head.weight.normal_()
+    first.model.save_pretrained(tmp_path / "stage1")
+    second = build_module(make_cfg, checkpoints, tmp_path, f"model.init_from={tmp_path / 'stage1'}", "model.grid_heads=true",
+                          "model.resolutions=[32x16,16x16]", "model.resolution_in_prompt=true")
+    assert second.model.config.grid_heads == ["4x8", "4x4"]  # rows x columns of the tiny tokenizer's 4 px codes
+    for head in second.model.grid_heads.values():
+        assert torch.equal(head.weight, first.model.vision_head.weight)
 
 
 def image_batch(n=8, size=16):

@@ -25,7 +25,8 @@ Design choices:
   grid is skipped and counted. The sizes actually trained on are collected (and checkpointed)
   and exported, so generation accepts exactly them. Stage II (``resolution_in_prompt``): the
   image's size is written into the prompt and rows end with ``<image_row_end>``; batches are
-  uniform in size (the datamodules bucket them).
+  uniform in size (the datamodules bucket them). ``grid_heads``: each resolution's code grid
+  draws through a vision head of its own, started from ``init_from``'s shared head.
 - **Memory**: the LLM is loaded in ``llm_dtype`` (the paper's bf16 runs: ``bfloat16``, the
   precision DeepSpeed trains in anyway, half the host memory of fp32 while the model is built;
   DeepSpeed keeps fp32 master weights of the trainable parts), and the loss runs the heads on
@@ -33,7 +34,7 @@ Design choices:
   built in ``configure_model``: under DeepSpeed ZeRO-3 inside ``zero.Init``, so each rank
   holds only its slice of the weights from the start.
 - **Optimizer**: AdamW over the trainable weights only; no weight decay on norms, biases and
-  embeddings; the new parts (visual and image-position embeddings, vision head) may get a larger learning rate
+  embeddings; the new parts (visual and image-position embeddings, vision heads) may get a larger learning rate
   (``new_params_lr_scale``): they start from nothing while the experts start as copies of the
   text weights. The schedule is ``mars_core.schedule``'s (warm-up over ``warmup_ratio`` of
   the run, cosine decay to ``min_lr_ratio`` of the peak, following ``trainer.max_time`` too).
@@ -70,7 +71,7 @@ from mars_semvie import SemVIEConfig, SemVIEForCausalLM
 from mars_semvie.model import gathered
 from mars_semvie.sequences import SequenceBuilder, prebuilt
 
-NEW_PARTS = ("visual_embed", "image_position", "grid_projection", "vision_head")  # SemVIE parameters that start from nothing
+NEW_PARTS = ("visual_embed", "image_position", "grid_projection", "vision_head", "grid_heads")  # SemVIE parameters that start from nothing
 
 
 @contextmanager
@@ -100,6 +101,7 @@ class TextToImageModule(L.LightningModule):
         visual_expert: bool = True,  # False: the paper's "w/o visual expert" ablation
         image_positions: int = 0,  # learned offsets of image tokens from <image_start> (SemVIEConfig); 0: none
         grid_features: int = 0,  # frequencies of image tokens' places as fractions of their grid (SemVIEConfig); 0: none
+        grid_heads: bool = False,  # a vision head per resolution's code grid (SemVIEConfig.grid_heads), started from the shared one
         num_visual_codes: int | None = None,  # None: the VQ tokenizer's codebook size
         task_mix: dict | None = None,  # {"t2i": p, "caption": q}, normalised
         caption_target: Callable[[str], str] | None = None,  # caption -> what captioning writes (None: the caption)
@@ -139,8 +141,10 @@ class TextToImageModule(L.LightningModule):
                 f"model.num_visual_codes={codes} but the VQ tokenizer at {tokenizer_path} has "
                 f"{self.vq.codebook_size} codes: leave it null to take the tokenizer's"
             )
+        ds = self.vq.downsample
         self.semvie_config = SemVIEConfig(
             AutoConfig.from_pretrained(llm_path).vocab_size, codes, visual_expert, image_positions=image_positions, grid_features=grid_features,
+            grid_heads=[f"{h // ds}x{w // ds}" for w, h in map(parse_resolution, resolutions)] if grid_heads else [],
         )
         self.vocab = self.semvie_config.vocab
         self.llm_path, self.llm_dtype, self.init_from = llm_path, getattr(torch, llm_dtype), init_from
@@ -213,7 +217,12 @@ class TextToImageModule(L.LightningModule):
 
         weights = load_file(Path(path) / WEIGHTS_NAME)
         own = {n: p for n, p in self.model.named_parameters() if not n.startswith("llm.")}
-        # a stage may add grid places (grid_features) to a checkpoint without them: they start at zero
+        # a stage may add grid places (grid_features) to a checkpoint without them: they start at zero;
+        # and grid heads: they start as the checkpoint's vision head
+        for name in own:
+            if name.startswith("grid_heads.") and name not in weights:
+                weights[name] = weights["vision_head.weight"]
+                rank_zero_info(f"{name}: not in {path}, starts as its vision head")
         missing = sorted(n for n in set(own) - set(weights) if not n.startswith("grid_projection"))
         unexpected = sorted(set(weights) - set(own))
         if missing or unexpected:

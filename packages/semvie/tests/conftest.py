@@ -38,14 +38,15 @@ def build_tiny_llm():
 
 @pytest.fixture
 def build_tiny_semvie(build_tiny_llm):
-    """build_tiny_semvie(family=..., visual_expert=..., routing=..., image_positions=..., grid_features=...) -> (semvie, the wrapped llm)."""
+    """build_tiny_semvie(family=..., visual_expert=..., routing=..., image_positions=..., grid_features=..., grid_heads=...)
+    -> (semvie, the wrapped llm)."""
 
     def factory(
         family: str = "qwen2", visual_expert: bool = True, routing: str = "gather", seed: int = 0, image_positions: int = 0,
-        grid_features: int = 0, **overrides
+        grid_features: int = 0, grid_heads: tuple[str, ...] = (), **overrides
     ):
         llm = build_tiny_llm(family, seed, **overrides)
-        model = SemVIEForCausalLM.from_llm(llm, NUM_CODES, visual_expert, routing, image_positions, grid_features).eval()
+        model = SemVIEForCausalLM.from_llm(llm, NUM_CODES, visual_expert, routing, image_positions, grid_features, grid_heads).eval()
         return model, llm
 
     return factory

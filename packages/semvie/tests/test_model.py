@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
@@ -158,6 +159,37 @@ def test_grid_features_with_kv_cache_equal_full_forward(build_tiny_semvie, pertu
     chunks = [model(ids[:, :split], cache=cache, image_grid=grids).logits]
     chunks += [model(ids[:, i : i + 2], cache=cache).logits for i in range(split, ids.shape[1], 2)]
     assert_close(torch.cat(chunks, dim=1), model(ids, image_grid=grids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_grid_heads_draw_their_grids_rows_and_start_as_the_shared_head(build_tiny_semvie, perturb_visual_weights, tmp_path):
+    model, _ = build_tiny_semvie(grid_features=3, grid_heads=("2x6",))
+    assert torch.equal(model.grid_heads["2x6"].weight, model.vision_head.weight)
+    perturb_visual_weights(model)
+    ids = grid_ids(model.vocab, widths=(2, 6))
+    grids = torch.tensor([[2, 2], [2, 6]])  # the first row has no head of its own
+    out = model(ids, image_grid=grids, return_hidden=True)
+    T = model.vocab.text_size
+    assert_close(out.logits[0, :, T:], model.vision_head(out.hidden[0]))
+    assert_close(out.logits[1, :, T:], model.grid_heads["2x6"](out.hidden[1]))
+    assert not torch.allclose(out.logits[1, :, T:], model.vision_head(out.hidden[1]))
+    assert_close(out.logits[:, :, :T], model.llm.lm_head(out.hidden))
+
+    labels = ids.clone()
+    labels[:, :5] = -100  # the prompt and <image_start>
+    expected = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    for chunk in (0, 5):  # whole, and in chunks that straddle the two rows
+        model.loss_chunk = chunk
+        assert_close(model(ids, labels=labels, image_grid=grids, return_logits=False).loss, expected)
+
+    cache = model.new_cache(2, ids.shape[1])
+    chunks = [model(ids[:, :7], cache=cache, image_grid=grids).logits]
+    chunks += [model(ids[:, i : i + 2], cache=cache).logits for i in range(7, ids.shape[1], 2)]
+    assert_close(torch.cat(chunks, dim=1), out.logits, rtol=1e-4, atol=1e-4)
+
+    model.save_pretrained(tmp_path / "semvie")
+    loaded = SemVIEForCausalLM.from_pretrained(tmp_path / "semvie").eval()
+    assert loaded.config.grid_heads == ["2x6"]
+    assert_close(loaded(ids, image_grid=grids).logits, out.logits, rtol=0, atol=0)
 
 
 def test_gradients_reach_only_trainable_weights(build_tiny_semvie):

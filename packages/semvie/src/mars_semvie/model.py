@@ -47,6 +47,12 @@ Design choices:
 - ``image_positions=N`` (0 by default, the paper's model) adds a learned embedding of each
   visual token's offset from its ``<image_start>``: rotary positions are relative and prompts
   differ in length, so without it a code finds its place in the grid only through attention.
+- ``grid_heads=["RxC", ...]`` (none by default, the paper's model) gives each listed code grid
+  (rows x columns) a vision head of its own, started as a copy of the shared one; a row of a
+  batch draws through the head of its ``image_grid``, the shared head serving every other grid.
+  Why: the codes that make a scene differ with the grid (at 96x64 a pair's objects sit in the
+  middle of a code column, at 64x64 on the line between two), and one head for five grids held
+  96x64 pairs at 0.04-0.27 beside 64x64 where a head per grid reached 0.63 (docs/LOG.md).
 - ``visual_expert=False`` is the paper's ablation: no copies, every token through the LLM's
   layers, all weights trainable (the new embedding rows and vision head exist in both).
 - With ``visual_expert=True`` every LLM weight has ``requires_grad=False``, so text-only
@@ -60,7 +66,7 @@ from __future__ import annotations
 import copy
 import json
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -90,6 +96,7 @@ class SemVIEConfig:
     routing: str = "gather"  # "gather" (each token once) or "mask" (both experts, reference)
     image_positions: int = 0  # learned embeddings of a visual token's offset from its <image_start>; 0: none
     grid_features: int = 0  # frequencies per axis of a visual token's place as a fraction of its grid (forward's image_grid); 0: none
+    grid_heads: list[str] = field(default_factory=list)  # "RxC" code grids with a vision head of their own (forward's image_grid)
 
     @property
     def vocab(self) -> MultimodalVocab:
@@ -296,6 +303,15 @@ class SemVIEForCausalLM(nn.Module):
             self.grid_projection = nn.Linear(4 * config.grid_features, c.hidden_size, bias=False, **factory)
             with gathered([self.grid_projection.weight]):
                 nn.init.zeros_(self.grid_projection.weight)
+        self.grid_heads = None
+        if config.grid_heads:  # copies of the shared head: a new model computes exactly what it would without them
+            self.grid_heads = nn.ModuleDict(
+                {grid: nn.Linear(c.hidden_size, self.vocab.visual_size, bias=False, **factory) for grid in config.grid_heads}
+            )
+            heads = [head.weight for head in self.grid_heads.values()]
+            with gathered([self.vision_head.weight, *heads]), torch.no_grad():
+                for weight in heads:
+                    weight.copy_(self.vision_head.weight)
         llm.requires_grad_(not config.visual_expert)
         self.experts = (
             nn.ModuleList(VisualExpert(layer, c) for layer in llm.model.layers).requires_grad_(True)
@@ -314,9 +330,12 @@ class SemVIEForCausalLM(nn.Module):
         routing: str = "gather",
         image_positions: int = 0,
         grid_features: int = 0,
+        grid_heads: list[str] | tuple[str, ...] = (),
     ) -> SemVIEForCausalLM:
         """Wrap a loaded Qwen2 / Llama causal LM (e.g. ``AutoModelForCausalLM.from_pretrained(path)``)."""
-        config = SemVIEConfig(llm.config.vocab_size, num_visual_codes, visual_expert, routing, image_positions, grid_features)
+        config = SemVIEConfig(
+            llm.config.vocab_size, num_visual_codes, visual_expert, routing, image_positions, grid_features, list(grid_heads)
+        )
         return cls(llm, config)
 
     def parameter_groups(self) -> dict[str, tuple[int, int]]:
@@ -332,7 +351,7 @@ class SemVIEForCausalLM(nn.Module):
             ("visual attention Q/K/V", lambda n: n.startswith("experts.") and any(p in n for p in ("q_proj", "k_proj", "v_proj"))),
             ("visual attention output", lambda n: n.startswith("experts.") and "o_proj" in n),
             ("visual FFN", lambda n: n.startswith("experts.") and ".mlp." in n),
-            ("vision head", lambda n: n.startswith("vision_head")),
+            ("vision head", lambda n: n.startswith(("vision_head", "grid_heads"))),
         ]
         groups = {name: [0, 0] for name, _ in parts}
         for n, p in self.named_parameters():
@@ -386,6 +405,13 @@ class SemVIEForCausalLM(nn.Module):
         """
         B, L = input_ids.shape
         past = cache.length if cache is not None else 0
+        if image_grid is not None:
+            image_grid = torch.as_tensor(image_grid, device=input_ids.device).long().expand(B, 2)
+            if cache is not None:
+                cache.image_grid = image_grid
+        elif cache is not None:
+            image_grid = cache.image_grid
+        heads = self._grid_head_index(image_grid)
         if position_ids is None:
             position_ids = torch.arange(past, past + L, device=input_ids.device).expand(B, L)
         mask, is_causal = self._attention_mask(attention_mask, L, past, input_ids.device)
@@ -421,36 +447,55 @@ class SemVIEForCausalLM(nn.Module):
             has_target = targets != IGNORE
             if attention_mask is not None:  # a padding position predicts nothing (and is skipped in training)
                 has_target &= attention_mask[:, -L:-1].to(h.device).bool()
-            loss = self.target_loss(h[:, :-1][has_target], targets[has_target])
+            rows = None if heads is None else heads[:, None].expand(B, L - 1)[has_target]
+            loss = self.target_loss(h[:, :-1][has_target], targets[has_target], rows)
         logits = None
         if return_logits:
-            logits = self._heads(h[:, -logits_to_keep:] if logits_to_keep else h)
+            kept = h[:, -logits_to_keep:] if logits_to_keep else h
+            logits = self._heads(kept, None if heads is None else heads[:, None].expand(kept.shape[:2]))
         return SemVIEOutput(logits=logits, loss=loss, cache=cache, hidden=h if return_hidden else None)
 
-    def target_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the heads' logits at hidden states ``h`` (N, d) against ``targets``.
+    def target_loss(self, h: torch.Tensor, targets: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean cross-entropy of the heads' logits at hidden states ``h`` (N, d) against ``targets``
+        (``heads``: (N,) each position's grid head, ``_grid_head_index``).
 
         ``loss_chunk`` rows at a time: the fp32 logits of a chunk (N x 160k in the paper) exist
         only while its loss is computed and are recomputed in the backward pass, so the loss
         never holds the logits of every target position (a stage I batch has ~16k of them)."""
         chunk = self.loss_chunk
         if chunk <= 0 or len(h) <= chunk:
-            return F.cross_entropy(self._heads(h).float(), targets)
+            return F.cross_entropy(self._heads(h, heads).float(), targets)
 
-        def summed(h_chunk, t_chunk):
-            return F.cross_entropy(self._heads(h_chunk).float(), t_chunk, reduction="sum")
+        def summed(h_chunk, t_chunk, heads_chunk):
+            return F.cross_entropy(self._heads(h_chunk, heads_chunk).float(), t_chunk, reduction="sum")
 
         recompute = torch.is_grad_enabled()
-        total = sum(
-            checkpoint(summed, h[i : i + chunk], targets[i : i + chunk], use_reentrant=False) if recompute
-            else summed(h[i : i + chunk], targets[i : i + chunk])
-            for i in range(0, len(h), chunk)
-        )
+        total = 0
+        for i in range(0, len(h), chunk):
+            args = (h[i : i + chunk], targets[i : i + chunk], None if heads is None else heads[i : i + chunk])
+            total = total + (checkpoint(summed, *args, use_reentrant=False) if recompute else summed(*args))
         return total / len(h)
 
-    def _heads(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits over the multimodal vocabulary: the LLM's head, then the vision head."""
-        return torch.cat([self.llm.lm_head(h), self.vision_head(h)], dim=-1)
+    def _heads(self, h: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits over the multimodal vocabulary: the LLM's head, then the vision head (at the
+        positions ``heads`` marks, with ``h``'s leading shape: that grid's head; -1: the shared one).
+        Every head runs, on no rows if need be: under ZeRO-3 each rank gathers the same weights."""
+        text = self.llm.lm_head(h)
+        if heads is None:
+            return torch.cat([text, self.vision_head(h)], dim=-1)
+        visual = h.new_empty(*h.shape[:-1], self.vocab.visual_size)
+        for index, head in enumerate([self.vision_head, *self.grid_heads.values()]):
+            rows = heads == index - 1
+            visual[rows] = head(h[rows])
+        return torch.cat([text, visual], dim=-1)
+
+    def _grid_head_index(self, image_grid: torch.Tensor | None) -> torch.Tensor | None:
+        """(B,) each row's place in ``config.grid_heads`` by its ``image_grid`` (-1: none, the
+        shared vision head); None for a model without grid heads or rows without a grid."""
+        if self.grid_heads is None or image_grid is None:
+            return None
+        index = {grid: i for i, grid in enumerate(self.config.grid_heads)}
+        return torch.tensor([index.get(f"{rows}x{columns}", -1) for rows, columns in image_grid.tolist()], device=image_grid.device)
 
     def _layer(self, i, h, router: Router, cos, sin, mask, is_causal, cache, B, L) -> torch.Tensor:
         """One decoder layer on the residual stream h (B*L rows, in the router's expert order)."""
@@ -524,14 +569,9 @@ class SemVIEForCausalLM(nn.Module):
             cached_rows = cache.image_rows[:, None] if cache is not None else torch.zeros((B, 1), dtype=torch.long, device=device)
             row = torch.where(last_start >= 0, ends_before - ends_at_start, cached_rows + ends_before)
             placed = visual & (offset >= 1)
-            if image_grid is None and cache is not None:
-                image_grid = cache.image_grid
             if image_grid is None and bool(placed.any()):
                 raise ValueError("this model places codes by grid_features: pass image_grid=(rows, columns) of each row's image")
-            if image_grid is not None:
-                image_grid = torch.as_tensor(image_grid, device=device).long().expand(B, 2)
-                if cache is not None:
-                    cache.image_grid = image_grid
+            if image_grid is not None:  # (B, 2): forward's, or the cache's
                 fraction = torch.stack([(row + 0.5) / image_grid[:, :1], (column + 0.5) / image_grid[:, 1:]], dim=-1)
                 k = torch.arange(1, self.config.grid_features + 1, device=device, dtype=torch.float32)
                 angles = (torch.pi * fraction.unsqueeze(-1) * k).flatten(-2)  # (B, L, 2F)
