@@ -68,7 +68,7 @@ from mars_core import require_path
 from mars_core.schedule import build_optimizer, warmup_cosine_scheduler
 from mars_data.images import parse_resolution
 from mars_semvie import SemVIEConfig, SemVIEForCausalLM
-from mars_semvie.model import gathered
+from mars_semvie.model import gathered, grid_name
 from mars_semvie.sequences import SequenceBuilder, prebuilt
 
 NEW_PARTS = ("visual_embed", "image_position", "grid_projection", "vision_head", "grid_heads")  # SemVIE parameters that start from nothing
@@ -141,10 +141,12 @@ class TextToImageModule(L.LightningModule):
                 f"model.num_visual_codes={codes} but the VQ tokenizer at {tokenizer_path} has "
                 f"{self.vq.codebook_size} codes: leave it null to take the tokenizer's"
             )
+        self.resolutions = list(resolutions)
         ds = self.vq.downsample
+        grids = [(h // ds, w // ds) for w, h in map(parse_resolution, self.resolutions)]  # (rows, columns) of codes
         self.semvie_config = SemVIEConfig(
             AutoConfig.from_pretrained(llm_path).vocab_size, codes, visual_expert, image_positions=image_positions, grid_features=grid_features,
-            grid_heads=[f"{h // ds}x{w // ds}" for w, h in map(parse_resolution, resolutions)] if grid_heads else [],
+            grid_heads=[grid_name(*grid) for grid in grids] if grid_heads else [],
         )
         self.vocab = self.semvie_config.vocab
         self.llm_path, self.llm_dtype, self.init_from = llm_path, getattr(torch, llm_dtype), init_from
@@ -154,14 +156,12 @@ class TextToImageModule(L.LightningModule):
         unknown = set(mix) - {"t2i", "caption"}
         if unknown or not sum(mix.values()) > 0:
             raise ValueError(f"task_mix needs positive shares of 't2i' / 'caption', got {mix}")
-        self.resolutions = list(resolutions)
-        sizes = [parse_resolution(r) for r in self.resolutions]
         self.plan = plan
         self.builder_options = dict(
             text_tokenizer=self.text_tokenizer,
             vocab=self.vocab,
-            downsample=self.vq.downsample,
-            grids=[(h // self.vq.downsample, w // self.vq.downsample) for w, h in sizes],
+            downsample=ds,
+            grids=grids,
             caption_prob=mix.get("caption", 0.0) / sum(mix.values()),
             uncond_prob=uncond_prob,
             plan=plan,

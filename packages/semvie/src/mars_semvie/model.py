@@ -88,6 +88,11 @@ WEIGHTS_NAME = "semvie.safetensors"  # SemVIE's own weights: visual experts, emb
 LLM_DIR = "llm"  # where save_pretrained writes the LLM when it is not referenced by path
 
 
+def grid_name(rows: int, columns: int) -> str:
+    """``"RxC"``: how ``SemVIEConfig.grid_heads`` names a code grid."""
+    return f"{rows}x{columns}"
+
+
 @dataclass
 class SemVIEConfig:
     text_vocab_size: int  # the LLM's embedding rows (config.vocab_size), e.g. 151,936
@@ -495,7 +500,7 @@ class SemVIEForCausalLM(nn.Module):
         if self.grid_heads is None or image_grid is None:
             return None
         index = {grid: i for i, grid in enumerate(self.config.grid_heads)}
-        return torch.tensor([index.get(f"{rows}x{columns}", -1) for rows, columns in image_grid.tolist()], device=image_grid.device)
+        return torch.tensor([index.get(grid_name(*grid), -1) for grid in image_grid.tolist()], device=image_grid.device)
 
     def _layer(self, i, h, router: Router, cos, sin, mask, is_causal, cache, B, L) -> torch.Tensor:
         """One decoder layer on the residual stream h (B*L rows, in the router's expert order)."""
