@@ -3,7 +3,7 @@
 Runs the project's own commands in order, printing each before it runs, so that every step
 can be repeated by hand: held-out prompts and their scenes, the VQ tokenizer and the text LLM
 (side by side: they do not depend on each other, and two one-thread jobs use 2 cores better
-than one two-thread job; the tokenizer's pre-tokenized shards follow it in its lane, the
+than one two-thread job; stage I's square scenes and their codes frame the tokenizer in its lane, the
 128 px renders for stage III the LLM in its), the super-resolution triplets beside MARS
 stage I, stage III, generation and evaluation on the held-out prompts at 64 px and through the cascade
 at 128 px, a sample grid, and captions of the held-out scenes, scored. With ``with_stage2=true``
@@ -56,21 +56,17 @@ def demo_steps(cfg: DictConfig, out: Path) -> list[Step | tuple[Step, ...]]:
 
     stage2_steps = stage2_demo_steps(cfg, out, tokenizer, llm, ckpt / "semvie") if cfg.with_stage2 else []
 
-    def shapes_train_shards() -> str:  # written by the tokenizer run's ShapesDataModule
-        found = sorted((data / "shapes").glob("train-*"))
-        if not found:
-            raise FileNotFoundError(f"no shapes training shards under {data / 'shapes'}")
-        return str(found[0])
-
     return [
         Step("eval_prompts", lambda: ["-m", "mars_data.shapes", "prompts", "--num", str(cfg.eval_num),
                                       "--seed", str(cfg.eval_seed), "--out", str(eval_prompts)]),
         Step("eval_scenes", lambda: ["-m", "mars_data.shapes", "render", "--prompts", str(eval_prompts),
                                      "--out", str(out / "eval_scenes")]),
         (  # the tokenizer, then its codes, beside the text LLM
-            [train_step("tokenizer", list(cfg.tokenizer), out, cfg.seed),
+            [Step("renders_stage1", lambda: ["-m", "mars_data.shapes", "shards", "--out", str(data / "shapes_stage1"),
+                                             "--num-samples", str(cfg.stage1_samples), "--size", "64,128", "--seed", str(cfg.seed)]),
+             train_step("tokenizer", list(cfg.tokenizer), out, cfg.seed),
              Step("codes", lambda: [str(APPS / "tokenize_shards.py"), f"tokenizer={tokenizer}",
-                                    f"input={shapes_train_shards()}", f"output={data / 'shapes_codes' / 'train'}", "resolutions=[64x64]",
+                                    f"input={data / 'shapes_stage1'}", f"output={data / 'shapes_codes' / 'train'}", "resolutions=[64x64]",
                                     f"hydra.run.dir={out / 'codes'}"])],
             [train_step("lm", list(cfg.lm), out, cfg.seed),
              Step("renders_128", lambda: ["-m", "mars_data.shapes", "shards", "--out", str(data / "shapes128"),

@@ -16,17 +16,18 @@ def test_demo_steps_are_the_projects_own_commands(make_cfg, tmp_path):
     cfg = make_cfg(["seed=7"], config_name="demo")
     groups = demo_steps(cfg, tmp_path)
     tokenizer_lane, lm_lane = groups[2]  # independent: side by side
-    assert [s.name for s in tokenizer_lane] == ["tokenizer", "codes"] and [s.name for s in lm_lane] == ["lm", "renders_128"]
+    assert [s.name for s in tokenizer_lane] == ["renders_stage1", "tokenizer", "codes"] and [s.name for s in lm_lane] == ["lm", "renders_128"]
     triplets_lane, stage1_step = groups[3]  # side by side too
     assert [s.name for s in triplets_lane] == ["triplets"] and stage1_step.name == "stage1"
     assert [s.name for s in groups[4]] == ["stage3"]  # no stage II unless asked for
     steps = flat(groups)
-    assert [s.name for s in steps][:8] == ["eval_prompts", "eval_scenes", "tokenizer", "codes", "lm", "renders_128", "triplets", "stage1"]
+    assert [s.name for s in steps][:9] == ["eval_prompts", "eval_scenes", "renders_stage1", "tokenizer", "codes", "lm", "renders_128", "triplets", "stage1"]
     assert [s.name for s in steps][-2:] == ["captions", "evaluate_captions"]
-    (tmp_path / "data" / "shapes" / "train-10-abc").mkdir(parents=True)  # what the tokenizer run leaves
     for step in steps:
         args = step.args()
         assert args[0] == "-m" or Path(args[0]).is_file(), args
+    codes = next(s for s in steps if s.name == "codes").args()  # stage I's scenes are square: the tokenizer's are not
+    assert f"input={tmp_path / 'data' / 'shapes_stage1'}" in codes and "64,128" in steps[2].args()
     stage1 = next(s for s in steps if s.name == "stage1").args()
     assert "experiment=shapes_stage1" in stage1 and f"model.llm_path={tmp_path / 'lm' / 'llm'}" in stage1
     assert all("seed=7" in s.args() for s in steps if s.name in ("tokenizer", "lm", "stage1", "stage3"))
