@@ -61,7 +61,7 @@ def demo_steps(cfg: DictConfig, out: Path) -> list[Step | tuple[Step, ...]]:
                                       "--seed", str(cfg.eval_seed), "--out", str(eval_prompts)]),
         Step("eval_scenes", lambda: ["-m", "mars_data.shapes", "render", "--prompts", str(eval_prompts),
                                      "--out", str(out / "eval_scenes")]),
-        (  # the tokenizer, then its codes, beside the text LLM
+        (  # stage I's scenes, the tokenizer, then their codes, beside the text LLM
             [Step("renders_stage1", lambda: ["-m", "mars_data.shapes", "shards", "--out", str(data / "shapes_stage1"),
                                              "--num-samples", str(cfg.stage1_samples), "--size", "64,128", "--seed", str(cfg.seed)]),
              train_step("tokenizer", list(cfg.tokenizer), out, cfg.seed),
