@@ -112,11 +112,11 @@ def compbench(cfg: DictConfig, images: Path, out: Path) -> dict:
 def geneval(cfg: DictConfig, images: Path, out: Path) -> dict:
     layout = check_layout(images)
     results = cfg.geneval.results
-    scores = {}
     if results:
         scores = summarize_results(require_path("geneval.results", results, "the official scorer's results.jsonl", directory=False,
                                                 hint=SOURCES))
-    if not results:
+    else:
+        scores = {}
         print(f"geneval: {layout['prompts']} prompts, {layout['images']} images in GenEval's layout; score them with the "
               f"official scorer (see {DOCS}), then pass geneval.results=<its results.jsonl>")
     protocol = {"scorer": "GenEval evaluation/evaluate_images.py (Mask2Former, mmdetection 2.x), run outside this project",
