@@ -20,7 +20,8 @@ nearest-neighbour and by bicubic resizing: the share of pixels whose palette col
 the exact 128 px render's (``mars_data.shapes.scoring.classify_pixels``), with the tokenizer's
 round trip of the exact 128 px renders beside them: the ceiling of any model that writes codes.
 
-One torch thread by default (see benchmarks/generation.py); ``--threads 2`` on a quiet machine.
+One torch thread by default (see benchmarks/generation.py); ``--threads 2`` on a quiet machine;
+``--device cuda`` on a GPU (decoding synchronizes before each time is taken).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def random_model(args) -> SuperResModel:
     with torch.no_grad():
         for head in model.extra_heads:
             head.mlp.down_proj.weight.normal_(0, 0.02, generator=g)
-    return model
+    return model.to(args.device)
 
 
 def random_prompts(model: SuperResModel, args):
@@ -65,7 +66,8 @@ def random_prompts(model: SuperResModel, args):
         text = torch.randint(0, model.vocab.text_size, (8 + 3 * row,), generator=g).tolist()
         cond.append(model.prompt_ids(text, low))
         uncond.append(model.prompt_ids(text[:2], low))
-    return collate(cond, model.vocab), collate(uncond, model.vocab)
+    cond, uncond = collate(cond, model.vocab), collate(uncond, model.vocab)
+    return ({k: v.to(args.device) for k, v in cond.items()}, {k: v.to(args.device) for k, v in uncond.items()})
 
 
 def speed(model, args) -> None:
@@ -106,7 +108,7 @@ def trained(args) -> None:
     from mars_data import shapes
     from mars_data.shapes.scoring import classify_pixels
 
-    cascade = Cascade.from_pretrained(args.base, args.superres)
+    cascade = Cascade.from_pretrained(args.base, args.superres, device=args.device)
     if args.prompts_file:
         records = shapes.write_prompts(args.prompts_file, args.num, args.seed)
     else:
@@ -178,6 +180,7 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=16, help="high-res side in codes (random model)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (see the docstring)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if (args.base is None) != (args.superres is None):
