@@ -18,7 +18,8 @@ and scored at 128 px by the shapes evaluator (single / pair / spatial per langua
 images' scores beside them); and ground-truth 64 px renders are upscaled by each variant, by
 nearest-neighbour and by bicubic resizing: the share of pixels whose palette colour equals
 the exact 128 px render's (``mars_data.shapes.scoring.classify_pixels``), with the tokenizer's
-round trip of the exact 128 px renders beside them: the ceiling of any model that writes codes.
+round trip of the exact 128 px renders beside them (the ceiling of any model that writes codes)
+and its round trip of the 64 px renders, nearest-upscaled (what the codes the model reads hold).
 
 One torch thread by default (see benchmarks/generation.py); ``--threads 2`` on a quiet machine;
 ``--device cuda`` on a GPU (decoding synchronizes before each time is taken).
@@ -146,7 +147,11 @@ def trained(args) -> None:
     vq = cascade.superres.vq_tokenizer
     with torch.no_grad():
         round_trip = to_pil(vq.decode(cascade.superres.encode([shapes.render(r["scene"], *high_size) for r in records])))
+        low_trip = to_pil(vq.decode(cascade.superres.encode(renders_low)))
     print(f"palette match of the tokenizer's round trip of the exact {high_size[0]}x{high_size[1]} renders (the ceiling): {palette_match(round_trip):.4f}")
+    # what the model is given: the low-res codes, decoded and resized, with no model between
+    print(f"palette match of the tokenizer's round trip of the {low_size[0]}x{low_size[1]} renders, nearest: "
+          f"{palette_match([im.resize(high_size, Image.NEAREST) for im in low_trip]):.4f}")
     base_time, base_decode = statistics.median(times[1, "exact"]), statistics.median(decode_times[1, "exact"])
     one = outputs[1, "exact"]
     print(f"batches of {args.batch_size} images, median of {args.rounds} rounds; decoding: the high-res tokens alone; "

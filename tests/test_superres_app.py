@@ -177,6 +177,7 @@ def test_benchmark_runs_on_a_cascade_and_checks_exact_output(world, tmp_path):
     assert [row.split("|")[1:3] for row in rows] == [[" 1 ", " exact "], [" 2 ", " fast "], [" 4 ", " fast "], [" 2 ", " exact "], [" 4 ", " exact "]]
     assert "palette match from 16x16 renders, bicubic" in proc.stdout
     assert "(the ceiling)" in proc.stdout
+    assert "round trip of the 16x16 renders, nearest" in proc.stdout
 
 
 def test_training_sequences_write_the_high_res_size_and_drop_captions(world):
