@@ -67,8 +67,7 @@ def random_prompts(model: SuperResModel, args):
         text = torch.randint(0, model.vocab.text_size, (8 + 3 * row,), generator=g).tolist()
         cond.append(model.prompt_ids(text, low))
         uncond.append(model.prompt_ids(text[:2], low))
-    cond, uncond = collate(cond, model.vocab), collate(uncond, model.vocab)
-    return ({k: v.to(args.device) for k, v in cond.items()}, {k: v.to(args.device) for k, v in uncond.items()})
+    return tuple({k: v.to(args.device) for k, v in collate(rows, model.vocab).items()} for rows in (cond, uncond))
 
 
 def speed(model, args) -> None:
