@@ -23,11 +23,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from apps.generate import generate
 from apps.superres_shards import superres_shards
 from apps.train import train
+from mars_app.cascade import SuperResPipeline
 from mars_app.pipeline import MarsPipeline
 from mars_data import ShardDataModule, shapes
 from mars_semvie import SemVIEForCausalLM
 from mars_superres import SuperResModel, SuperResModule
-from mars_tokenizer import VQTokenizer
+from mars_tokenizer import VQGANConfig, VQTokenizer
 from tests.test_t2i import BatchesBuiltInWorkers, checkpoints  # noqa: F401  (checkpoints: the tiny LLM and VQ fixture, shared)
 
 
@@ -159,6 +160,29 @@ def test_cascade_writes_high_res_images_exact_equals_one_head(make_cfg, world, t
         run(tmp_path / "bad", "tokens_per_step=4", "decode=fastest")
     with pytest.raises(ValueError, match="tokens_per_step=5"):
         run(tmp_path / "bad", "tokens_per_step=5")
+
+
+
+def test_stage3_with_its_own_finer_tokenizer_trains_exports_it_and_upscales_through_it(make_cfg, world, tmp_path):
+    fine = VQTokenizer(VQGANConfig.from_preset("tiny", ch_mult=(1, 2))).save_pretrained(tmp_path / "fine")  # downsample 2, 32 codes
+    superres_shards(OmegaConf.create(dict(
+        tokenizer=str(fine), input=str(world["images"]), output=str(tmp_path / "triplets"), lowres_short_side=16, long_side=32,
+        degradations={"blur": 0.0, "jpeg_quality": None, "round_trip": True}, keep_images=False, batch_size=16, device="cpu", lowres_member=None,
+    )))
+    cfg = make_cfg([
+        "experiment=shapes_stage3_fine", f"model.base_path={world['base']}", f"model.tokenizer_path={fine}", f"data.train_shards={tmp_path / 'triplets'}",
+        "data.batch_size=4", "data.num_workers=0", "model.long_side=32", "model.tokens_per_step=2",
+        "trainer.max_steps=2", "trainer.max_time=null",
+    ])
+    assert train(cfg)["global_step"] == 2
+    export = Path(cfg.paths.output_dir) / "superres"
+    assert VQTokenizer.from_pretrained(export / "tokenizer").downsample == 2  # the cascade re-encodes with stage III's tokenizer
+    pipe = SuperResPipeline.from_pretrained(export)
+    images, stats = pipe.upscale([shapes.render(shapes.heldout_records(1, 0)[0]["scene"], 16, 16)], ["a red circle"], 2, "exact")
+    assert images[0].size == (32, 32) and -(-273 // 2) <= stats.forward_passes <= 273  # 16x16 codes out: 273 slots (the base's grid: 73)
+    wide = VQTokenizer(VQGANConfig.from_preset("tiny", codebook_size=64)).save_pretrained(tmp_path / "wide")
+    with pytest.raises(ValueError, match="model.tokenizer_path=.* has 64 codes; the base model draws 32"):
+        SuperResModule(str(world["base"]), partial(torch.optim.AdamW), tokenizer_path=str(wide), long_side=32, image_positions=80)
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ A super-resolution checkpoint directory (``mars_superres.SuperResModule.export``
     superres_config.json    K_max (tokens_per_step), long side, the low-res sizes it reads
     superres.safetensors    the K-1 extra heads and the high-res type embedding
     semvie/                 its SemVIE (the frozen text LLM referenced by path)
-    tokenizer/              the VQ tokenizer (the base model's)
+    tokenizer/              the VQ tokenizer (stage III's own, model.tokenizer_path; else the base model's)
     text_tokenizer/         the text LLM's tokenizer
 
 Design choices:

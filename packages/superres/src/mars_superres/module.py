@@ -22,7 +22,8 @@ Design choices:
   the weights.
 - **Export** (``export_dir``, at the end of training): ``SuperResModel.save_pretrained``
   (``superres_config.json`` with K_max, long side and low-res sizes; ``superres.safetensors``;
-  ``semvie/``) plus the base's ``tokenizer/`` and ``text_tokenizer/``, so the directory alone
+  ``semvie/``) plus the VQ ``tokenizer/`` (``tokenizer_path``'s, else the base's) and the base's
+  ``text_tokenizer/``, so the directory alone
   runs the cascade's second step.
 """
 
@@ -102,6 +103,7 @@ class SuperResModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         new_params_lr_scale: float = 1.0,  # lr x this for the parts that start from zero (NEW_PARTS)
         llm_path: str | None = None,  # where the frozen LLM is, if it moved since the base was saved
+        tokenizer_path: str | None = None,  # stage III's own VQ tokenizer (the triplets' codes; same codebook size); None: the base's
         export_dir: str | None = None,
         seed: int = 0,
     ):
@@ -125,8 +127,16 @@ class SuperResModule(L.LightningModule):
         self.model = SuperResModel.from_base(base_path, config, llm_path=llm_path)
         self.model.semvie.gradient_checkpointing_enable(gradient_checkpointing)
         self.text_tokenizer = AutoTokenizer.from_pretrained(self.base_path / TEXT_TOKENIZER_DIR)
-        # only its downsampling factor is needed while training (the shards hold codes)
-        downsample = VQTokenizer.from_pretrained(self.base_path / TOKENIZER_DIR).downsample
+        # its own tokenizer can be finer than the base's: the cascade re-encodes the base image with
+        # it, so the codes it reads can hold edges the base's codes lose (README). Only its
+        # downsampling factor is needed while training (the shards hold codes).
+        if tokenizer_path:
+            require_path("model.tokenizer_path", tokenizer_path, "stage III's VQ tokenizer directory (VQTokenizer.save_pretrained)")
+        self.tokenizer_dir = Path(tokenizer_path) if tokenizer_path else self.base_path / TOKENIZER_DIR
+        vq = VQTokenizer.from_pretrained(self.tokenizer_dir)
+        if vq.codebook_size != self.model.vocab.num_codes:
+            raise ValueError(f"model.tokenizer_path={tokenizer_path} has {vq.codebook_size} codes; the base model draws {self.model.vocab.num_codes}")
+        downsample = vq.downsample
         self.vocab = self.model.vocab
         self.optimizer = optimizer
         self.warmup_ratio = warmup_ratio
@@ -178,6 +188,6 @@ class SuperResModule(L.LightningModule):
         elif writer:
             self.model.save_pretrained(path, llm_path=self.llm_path)
         if writer:
-            for name in (TOKENIZER_DIR, TEXT_TOKENIZER_DIR):
-                shutil.copytree(self.base_path / name, path / name, dirs_exist_ok=True)
+            shutil.copytree(self.tokenizer_dir, path / TOKENIZER_DIR, dirs_exist_ok=True)
+            shutil.copytree(self.base_path / TEXT_TOKENIZER_DIR, path / TEXT_TOKENIZER_DIR, dirs_exist_ok=True)
         return path
