@@ -32,6 +32,15 @@ from mars_tokenizer import VQGANConfig, VQTokenizer
 from tests.test_t2i import BatchesBuiltInWorkers, checkpoints  # noqa: F401  (checkpoints: the tiny LLM and VQ fixture, shared)
 
 
+def write_triplets(tokenizer: Path, images: Path, output: Path) -> None:
+    """(16 px codes, caption, 32 px codes) triplets of 32 px shards, degraded as a base image may be."""
+    superres_shards(OmegaConf.create(dict(
+        tokenizer=str(tokenizer), input=str(images), output=str(output), lowres_short_side=16, long_side=32,
+        degradations={"blur": 0.5, "jpeg_quality": 90, "round_trip": True}, keep_images=False, batch_size=16, device="cpu",
+        lowres_member=None,
+    )))
+
+
 @pytest.fixture(scope="module")
 def world(checkpoints, tmp_path_factory) -> dict[str, Path]:
     """{"base": a stage II MARS checkpoint at 16x16 around test_t2i's tiny LLM and VQ, "images": 32 px
@@ -44,12 +53,7 @@ def world(checkpoints, tmp_path_factory) -> dict[str, Path]:
         semvie, vq, AutoTokenizer.from_pretrained(llm_dir), ["16x16"], resolution_in_prompt=True, row_end=True
     ).save_pretrained(root / "base")
     shapes.write_shards(root / "images", 48, seed=0, size=32, samples_per_shard=24, processes=1)
-    cfg = OmegaConf.create(dict(
-        tokenizer=str(checkpoints["vq"]), input=str(root / "images"), output=str(root / "triplets"), lowres_short_side=16,
-        long_side=32, degradations={"blur": 0.5, "jpeg_quality": 90, "round_trip": True}, keep_images=False, batch_size=16, device="cpu",
-        lowres_member=None,
-    ))
-    superres_shards(cfg)
+    write_triplets(checkpoints["vq"], root / "images", root / "triplets")
     # an untrained super-resolution checkpoint (randomised heads) for the cascade
     module = SuperResModule(str(root / "base"), partial(torch.optim.AdamW), tokens_per_step=4, long_side=32, image_positions=80, aligned_hints=True)
     perturb = torch.Generator().manual_seed(0)
@@ -162,13 +166,9 @@ def test_cascade_writes_high_res_images_exact_equals_one_head(make_cfg, world, t
         run(tmp_path / "bad", "tokens_per_step=5")
 
 
-
 def test_stage3_with_its_own_finer_tokenizer_trains_exports_it_and_upscales_through_it(make_cfg, world, tmp_path):
     fine = VQTokenizer(VQGANConfig.from_preset("tiny", ch_mult=(1, 2))).save_pretrained(tmp_path / "fine")  # downsample 2, 32 codes
-    superres_shards(OmegaConf.create(dict(
-        tokenizer=str(fine), input=str(world["images"]), output=str(tmp_path / "triplets"), lowres_short_side=16, long_side=32,
-        degradations={"blur": 0.0, "jpeg_quality": None, "round_trip": True}, keep_images=False, batch_size=16, device="cpu", lowres_member=None,
-    )))
+    write_triplets(fine, world["images"], tmp_path / "triplets")
     cfg = make_cfg([
         "experiment=shapes_stage3_fine", f"model.base_path={world['base']}", f"model.tokenizer_path={fine}", f"data.train_shards={tmp_path / 'triplets'}",
         "data.batch_size=4", "data.num_workers=0", "model.long_side=32", "model.tokens_per_step=2",

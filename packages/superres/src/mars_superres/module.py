@@ -130,9 +130,10 @@ class SuperResModule(L.LightningModule):
         # its own tokenizer can be finer than the base's: the cascade re-encodes the base image with
         # it, so the codes it reads can hold edges the base's codes lose (README). Only its
         # downsampling factor is needed while training (the shards hold codes).
-        if tokenizer_path:
+        self.tokenizer_dir = (
             require_path("model.tokenizer_path", tokenizer_path, "stage III's VQ tokenizer directory (VQTokenizer.save_pretrained)")
-        self.tokenizer_dir = Path(tokenizer_path) if tokenizer_path else self.base_path / TOKENIZER_DIR
+            if tokenizer_path else self.base_path / TOKENIZER_DIR
+        )
         vq = VQTokenizer.from_pretrained(self.tokenizer_dir)
         if vq.codebook_size != self.model.vocab.num_codes:
             raise ValueError(f"model.tokenizer_path={tokenizer_path} has {vq.codebook_size} codes; the base model draws {self.model.vocab.num_codes}")
