@@ -31,9 +31,9 @@ def run(model, cond, uncond, slots, **options):
     )
 
 
-@pytest.mark.parametrize("image_positions,hints", [(0, False), (26, False), (26, True)])  # 26: the tightest table for 25 slots
-def test_exact_greedy_is_one_head_greedy_token_for_token(build_tiny_superres, image_positions, hints):
-    model = build_tiny_superres(tokens_per_step=8, image_positions=image_positions, aligned_hints=hints)
+@pytest.mark.parametrize("image_positions,hints,radius", [(0, False, 0), (26, False, 0), (26, True, 0), (26, True, 1)])  # 26: the tightest table for 25 slots
+def test_exact_greedy_is_one_head_greedy_token_for_token(build_tiny_superres, image_positions, hints, radius):
+    model = build_tiny_superres(tokens_per_step=8, image_positions=image_positions, aligned_hints=hints, hint_radius=radius)
     cond, uncond = prompts(model)
     slots = seq.image_slots(4, 5, model.vocab, row_end=True)  # 25 slots, row ends and <image_end> placed
     reference, one = run(model, cond, uncond, slots, tokens_per_step=1, cfg_scale=1.5)
@@ -81,11 +81,11 @@ def test_fast_mode_makes_ceil_n_over_k_forward_passes(build_tiny_superres, K):
     assert codes.shape == (4, 5)
 
 
-@pytest.mark.parametrize("K", [1, 4])
-def test_decoding_reads_the_hints_training_reads(build_tiny_superres, K):
+@pytest.mark.parametrize("K,radius", [(1, 0), (4, 0), (4, 1)])
+def test_decoding_reads_the_hints_training_reads(build_tiny_superres, K, radius):
     """Greedy fast decoding with aligned hints, teacher-forced through the training forward: every
     drawn code is the argmax of the head that drew it (head k at the state k slots before)."""
-    model = build_tiny_superres(tokens_per_step=4, image_positions=30, aligned_hints=True)
+    model = build_tiny_superres(tokens_per_step=4, image_positions=30, aligned_hints=True, hint_radius=radius)
     cond, _ = prompts(model, rows=2, low=(2, 3))
     slots = seq.image_slots(4, 6, model.vocab, row_end=True)  # a 2x3 grid under a 4x6 one
     tokens, _ = decode(model, cond["input_ids"], slots, cond["attention_mask"], tokens_per_step=K, mode="fast")

@@ -103,11 +103,20 @@ def test_hints_map_each_hires_slot_to_the_lowres_code_under_it(build_tiny_superr
     slots = torch.arange(-1, 4 * 7 + 2).expand(2, -1)
     got = hints.index(slots)
     none = v.num_codes
-    for s, index in zip(slots[0].tolist(), got[0].tolist()):
+    for s, index in zip(slots[0].tolist(), got[0, :, 0].tolist()):
         r, c = divmod(s, 7)
         expected = low[r // 2, c // 2] if s >= 0 and r < 4 and c < 6 else none
         assert index == expected, s
     assert torch.equal(got[1], got[0])
+    # radius 1: the 3x3 low-res cells around it, row-major, each offset in its own rows
+    around = LowresHints(ids, v, radius=1).index(slots)
+    assert around.shape == (*slots.shape, 9)
+    for s, indices in zip(slots[0].tolist(), around[0].tolist()):
+        r, c = divmod(s, 7)
+        for n, index in enumerate(indices):
+            y, x = r // 2 + n // 3 - 1, c // 2 + n % 3 - 1
+            inside = s >= 0 and r < 4 and c < 6 and 0 <= y < 2 and 0 <= x < 3
+            assert index == (int(low[y, x]) if inside else none) + n * (none + 1), (s, n)
     # decoding reads the same from the prompt alone, the high-res grid given
     prompt = [row[: int((row == v.image_start).nonzero()[1]) + 1] for row in ids]
     p = seq.collate([x.tolist() for x in prompt], v)["input_ids"]
@@ -131,6 +140,8 @@ def test_hints_start_at_zero_and_learn(build_tiny_superres):
     assert model.head_hint_embedding.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="hint"):
         model.visual_logits(out.hidden, 2)
+    with pytest.raises(ValueError, match="hint_radius=1 needs aligned_hints"):
+        SuperResConfig(hint_radius=1)
 
 
 def test_image_offsets_grow_keeping_the_base_rows(build_tiny_semvie, perturb_weights):
@@ -146,16 +157,16 @@ def test_image_offsets_grow_keeping_the_base_rows(build_tiny_semvie, perturb_wei
         SuperResModel(build_tiny_semvie(image_positions=0), SuperResConfig(image_positions=20))
 
 
-@pytest.mark.parametrize("hints", [False, True])
-def test_checkpoint_saves_and_loads(build_tiny_superres, tmp_path, hints):
-    model = build_tiny_superres(tokens_per_step=4, image_positions=40, long_side=32, lowres=["16x16"], aligned_hints=hints)
+@pytest.mark.parametrize("hints,radius", [(False, 0), (True, 0), (True, 1)])
+def test_checkpoint_saves_and_loads(build_tiny_superres, tmp_path, hints, radius):
+    model = build_tiny_superres(tokens_per_step=4, image_positions=40, long_side=32, lowres=["16x16"], aligned_hints=hints, hint_radius=radius)
     model.save_pretrained(tmp_path / "sr", llm_path=None)
     weights = load_file(tmp_path / "sr" / WEIGHTS_NAME)
     tables = {"hint_embedding.weight", "head_hint_embedding.weight"} if hints else set()
     assert set(weights) == {"hires_embedding", *tables, *(f"extra_heads.{i}.{n}" for i in range(3) for n in ("norm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"))}
     config = json.loads((tmp_path / "sr" / "superres_config.json").read_text())
     assert config["tokens_per_step"] == 4 and config["long_side"] == 32 and config["lowres"] == ["16x16"]
-    assert config["aligned_hints"] is hints
+    assert config["aligned_hints"] is hints and config["hint_radius"] == radius
     loaded = SuperResModel.from_pretrained(tmp_path / "sr")
     assert loaded.semvie.config.image_positions == 40
     b = batch(model)

@@ -84,7 +84,7 @@ class Stream:
         self.forward_passes = 1
         hint = None
         if self.hints is not None:  # the prompt's last token is the high-res <image_start> (slot -1): slot 0's hint
-            hint = torch.full_like(input_ids, -1)
+            hint = torch.full((B, L, self.hints.neighbours), -1, dtype=torch.long, device=input_ids.device)
             hint[:, -1] = self.hints.index(torch.zeros(B, dtype=torch.long, device=input_ids.device))
         self.h = model.hidden(input_ids, self.mask, positions, cache=self.cache, hint=hint)[:, -1:]
 

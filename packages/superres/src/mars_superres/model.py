@@ -48,6 +48,10 @@ Design choices:
   Without the hint the model must learn to find that code by attention over the whole
   prompt, from 1-D positions; with it, the code is in every high-res input. On the shapes
   world at equal steps this is what lifts the cascade to the base images' scores (docs/LOG.md).
+  ``hint_radius`` r > 0 adds the (2r + 1)^2 low-res codes around that one, each offset with its
+  own table (outside the grid: the offset's ``none`` row): where an edge crosses a high-res
+  patch depends on the low-res cells beside it, which the model would otherwise have to find
+  by attention too.
 - **Loss** = sum over heads of ``head_weights[k] * cross-entropy`` on the high-res span
   (codes, row ends, ``<image_end>``), each head on the positions whose target k tokens
   on is in the span. One model trained with K_max heads serves every K <= K_max.
@@ -84,6 +88,7 @@ class SuperResConfig:
     image_positions: int = 0  # rows of the learned image-offset table (>= high-res tokens + 1); 0: as the base
     lowres: list[str] = field(default_factory=lambda: ["256x256"])  # "WxH" low-res inputs (the base's sizes)
     aligned_hints: bool = False  # the low-res code under each high-res target slot added to the inputs and heads (docstring)
+    hint_radius: int = 0  # with aligned_hints: also the low-res codes up to this many cells around it (docstring)
 
     def __post_init__(self):
         if self.tokens_per_step < 1:
@@ -93,6 +98,8 @@ class SuperResConfig:
             if len(self.head_weights) != self.tokens_per_step:
                 raise ValueError(f"{len(self.head_weights)} head_weights for {self.tokens_per_step} heads")
         self.lowres = [str(r) for r in self.lowres]
+        if self.hint_radius < 0 or (self.hint_radius and not self.aligned_hints):
+            raise ValueError(f"hint_radius={self.hint_radius} needs aligned_hints=true and must be >= 0")
 
     @property
     def weights(self) -> list[float]:
@@ -137,11 +144,17 @@ class LowresHints:
     read from the second span, or given (``hires``: (columns, rows)) when decoding, whose
     prompt ends at the high-res ``<image_start>``. Slot s of the high-res span (stage II
     layout: W codes and a row end per row, then ``<image_end>``; s = 0 is the first code) maps
-    to the low-res code at (r * h // H, c * w // W) for r, c = divmod(s, W + 1); row ends, the
-    ``<image_end>`` and slots past it map to ``none`` (= the codebook size)."""
+    to the low-res code at (r * h // H, c * w // W) for r, c = divmod(s, W + 1) and, with
+    ``radius``, to the codes around it (``neighbours`` of them in all, row-major offsets); row
+    ends, the ``<image_end>``, slots past it and cells outside the grid map to ``none`` (= the
+    codebook size). Neighbour n's index is shifted by n * (``none`` + 1): one table holds every
+    offset's rows."""
 
-    def __init__(self, input_ids: torch.Tensor, vocab, hires: tuple[int, int] | None = None):
+    def __init__(self, input_ids: torch.Tensor, vocab, hires: tuple[int, int] | None = None, radius: int = 0):
         self.none = vocab.num_codes
+        around = torch.arange(-radius, radius + 1, device=input_ids.device)
+        self.dy, self.dx = (t.flatten() for t in torch.meshgrid(around, around, indexing="ij"))
+        self.neighbours = len(self.dy)
         span = (input_ids == vocab.image_start).long().cumsum(1)
         code, row_end = vocab.is_code(input_ids), input_ids == vocab.image_row_end
         low = (span == 1) & code
@@ -159,14 +172,20 @@ class LowresHints:
         self.hires = span >= 2
 
     def index(self, slots: torch.Tensor) -> torch.Tensor:
-        """Hint indices (B, ...) of high-res slots (B, ...): a low-res code, or ``none``."""
+        """Hint indices (B, ..., neighbours) of high-res slots (B, ...): low-res codes or ``none``,
+        shifted into their neighbour's rows of the table."""
         expand = (-1,) + (1,) * (slots.dim() - 1)
         W, H, w, h = (t.view(expand) for t in (self.W, self.H, self.w, self.h))
         r, c = slots.div(W + 1, rounding_mode="floor"), slots.remainder(W + 1)
         valid = (slots >= 0) & (r < H) & (c < W)
-        flat = ((r.clamp(0) * h // H).clamp(max=h - 1) * w + (c * w // W).clamp(max=w - 1)).clamp(0, self.codes.shape[1] - 1)
-        picked = self.codes.gather(1, flat.reshape(len(flat), -1)).view_as(slots)
-        return torch.where(valid, picked, torch.full_like(slots, self.none))
+        row = (r.clamp(0) * h // H).clamp(max=h - 1).unsqueeze(-1) + self.dy
+        col = (c * w // W).clamp(max=w - 1).unsqueeze(-1) + self.dx
+        h, w = h.unsqueeze(-1), w.unsqueeze(-1)
+        inside = valid.unsqueeze(-1) & (row >= 0) & (row < h) & (col >= 0) & (col < w)
+        flat = (row.clamp(min=0).minimum(h - 1) * w + col.clamp(min=0).minimum(w - 1)).clamp(0, self.codes.shape[1] - 1)
+        picked = self.codes.gather(1, flat.reshape(len(flat), -1)).view_as(flat)
+        shift = torch.arange(self.neighbours, device=slots.device) * (self.none + 1)
+        return torch.where(inside, picked, self.none) + shift
 
     def slots(self) -> torch.Tensor:
         """(B, L) the high-res slot of each position of the sequences read (``<image_start>``: -1)."""
@@ -206,8 +225,8 @@ class SuperResModel(nn.Module):
         self.extra_heads = nn.ModuleList(ResidualHead(norm, last.mlp) for _ in range(config.tokens_per_step - 1))
         self.extra_heads.requires_grad_(True)
         self.hint_embedding = self.head_hint_embedding = None
-        if config.aligned_hints:  # rows: the codebook, then ``none`` (row ends, <image_end>); zero: no effect at the start
-            rows = self.vocab.num_codes + 1
+        if config.aligned_hints:  # per neighbour: the codebook, then ``none`` (row ends, <image_end>); zero: no effect at the start
+            rows = (self.vocab.num_codes + 1) * (2 * config.hint_radius + 1) ** 2
             self.hint_embedding = nn.Embedding(rows, hidden, device=ref.device, dtype=ref.dtype)
             self.head_hint_embedding = nn.Embedding(rows, hidden, device=ref.device, dtype=ref.dtype)
             nn.init.zeros_(self.hint_embedding.weight)
@@ -259,20 +278,25 @@ class SuperResModel(nn.Module):
     def hints(self, input_ids: torch.Tensor, hires: tuple[int, int] | None = None) -> LowresHints | None:
         """The low-res hints of these sequences (None when the model has none); ``hires``
         (columns, rows) of the high-res grid when it is not in ``input_ids`` (decoding)."""
-        return LowresHints(input_ids, self.vocab, hires) if self.config.aligned_hints else None
+        return LowresHints(input_ids, self.vocab, hires, self.config.hint_radius) if self.config.aligned_hints else None
+
+    @staticmethod
+    def embed_hints(table: nn.Embedding, hint: torch.Tensor) -> torch.Tensor:
+        """The summed vectors (..., hidden) of hint indices (..., neighbours); -1: none (zero)."""
+        return (table(hint.clamp(min=0)) * (hint >= 0).unsqueeze(-1).to(table.weight.dtype)).sum(-2)
 
     def hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None, hires=None, hint=None) -> torch.Tensor:
         """Final hidden states (B, L, hidden); ``hires`` (B, L) marks high-res tokens (default:
         from the layout; decoding passes it, since its new tokens follow a cached prompt);
-        ``hint`` (B, L) the hint index of each token, -1 for none (default: from the layout,
-        for whole training sequences)."""
+        ``hint`` (B, L, neighbours) the hint indices of each token, -1 for none (default: from
+        the layout, for whole training sequences)."""
         hires = self.hires_span(input_ids) if hires is None else hires
         offset = hires.unsqueeze(-1).to(self.hires_embedding.dtype) * self.hires_embedding
         if self.hint_embedding is not None:
             if hint is None:
                 hints = self.hints(input_ids)
-                hint = torch.where(hires, hints.index(hints.slots() + 1), -1)
-            offset = offset + (hint >= 0).unsqueeze(-1).to(offset.dtype) * self.hint_embedding(hint.clamp(min=0))
+                hint = torch.where(hires.unsqueeze(-1), hints.index(hints.slots() + 1), -1)
+            offset = offset + self.embed_hints(self.hint_embedding, hint)
         out = self.semvie(
             input_ids, attention_mask, position_ids, cache=cache, return_logits=False,
             embedding_offset=offset, return_hidden=True,
@@ -280,12 +304,12 @@ class SuperResModel(nn.Module):
         return out.hidden
 
     def head_hint(self, hint: torch.Tensor | None) -> torch.Tensor | None:
-        return None if hint is None or self.head_hint_embedding is None else self.head_hint_embedding(hint)
+        return None if hint is None or self.head_hint_embedding is None else self.embed_hints(self.head_hint_embedding, hint)
 
     def visual_logits(self, h: torch.Tensor, heads: int, hint: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the first ``heads`` heads over the visual rows of the vocabulary
         (``vocab.visual_size``; id = text_size + index): (..., heads, visual_size). ``hint``
-        (..., heads - 1): the hint indices of heads 2..K's target slots (aligned hints).
+        (..., heads - 1, neighbours): the hint indices of heads 2..K's target slots (aligned hints).
 
         Head 1 here is the vision head alone: restricted to visual ids (what an image slot may
         draw) its distribution is exactly that of the full multimodal softmax."""
@@ -304,7 +328,7 @@ class SuperResModel(nn.Module):
         own head: the plain next-token loss); head k predicts labels[t+k] over the visual rows."""
         heads = heads or self.num_heads
         hints = self.hints(input_ids)
-        hint = None if hints is None else torch.where(self.hires_span(input_ids), hints.index(hints.slots() + 1), -1)
+        hint = None if hints is None else torch.where(self.hires_span(input_ids).unsqueeze(-1), hints.index(hints.slots() + 1), -1)
         h = self.hidden(input_ids, attention_mask, position_ids, hint=hint)
         if labels is None:
             return SuperResOutput(hidden=h)

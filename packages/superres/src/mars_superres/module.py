@@ -97,6 +97,7 @@ class SuperResModule(L.LightningModule):
         long_side: int = 1024,  # high-res long side in pixels
         image_positions: int = 0,  # learned image-offset rows (>= high-res tokens + 1); 0: as the base
         aligned_hints: bool = False,  # the low-res code under each high-res target added to inputs and heads (SuperResModel; not the paper's)
+        hint_radius: int = 0,  # with aligned_hints: also the low-res codes up to this many cells around it
         uncond_prob: float = 0.1,
         gradient_checkpointing: bool = False,
         warmup_ratio: float = 0.01,
@@ -123,7 +124,7 @@ class SuperResModule(L.LightningModule):
                 raise ValueError(f"head1_share must be in (0, 1), got {head1_share}")
             rest = tokens_per_step - 1  # so any K_max keeps the share: 0.5 -> [7, 1, ..., 1] for 8 heads, [3, 1, 1, 1] for 4
             head_weights = [head1_share / (1 - head1_share) * rest if rest else 1.0] + [1.0] * rest
-        config = SuperResConfig(tokens_per_step, head_weights, long_side, image_positions, list(base["resolutions"]), aligned_hints)
+        config = SuperResConfig(tokens_per_step, head_weights, long_side, image_positions, list(base["resolutions"]), aligned_hints, hint_radius)
         self.model = SuperResModel.from_base(base_path, config, llm_path=llm_path)
         self.model.semvie.gradient_checkpointing_enable(gradient_checkpointing)
         self.text_tokenizer = AutoTokenizer.from_pretrained(self.base_path / TEXT_TOKENIZER_DIR)
