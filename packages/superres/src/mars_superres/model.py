@@ -282,8 +282,12 @@ class SuperResModel(nn.Module):
 
     @staticmethod
     def embed_hints(table: nn.Embedding, hint: torch.Tensor) -> torch.Tensor:
-        """The summed vectors (..., hidden) of hint indices (..., neighbours); -1: none (zero)."""
-        return (table(hint.clamp(min=0)) * (hint >= 0).unsqueeze(-1).to(table.weight.dtype)).sum(-2)
+        """The summed vectors (..., hidden) of hint indices (..., neighbours); -1: none (zero).
+        One bag per slot: the (..., neighbours, hidden) vectors are never materialised."""
+        n = hint.shape[-1]
+        weights = (hint >= 0).reshape(-1, n).to(table.weight.dtype)
+        summed = F.embedding_bag(hint.clamp(min=0).reshape(-1, n), table.weight, mode="sum", per_sample_weights=weights)
+        return summed.view(*hint.shape[:-1], -1)
 
     def hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None, hires=None, hint=None) -> torch.Tensor:
         """Final hidden states (B, L, hidden); ``hires`` (B, L) marks high-res tokens (default:
