@@ -281,6 +281,12 @@ class SuperResModel(nn.Module):
         return LowresHints(input_ids, self.vocab, hires, self.config.hint_radius) if self.config.aligned_hints else None
 
     @staticmethod
+    def input_hints(hints: LowresHints, hires: torch.Tensor) -> torch.Tensor:
+        """(B, L, neighbours) the hint indices of whole sequences: each high-res token carries the
+        slot after its own (the one it predicts), every other token -1."""
+        return torch.where(hires.unsqueeze(-1), hints.index(hints.slots() + 1), -1)
+
+    @staticmethod
     def embed_hints(table: nn.Embedding, hint: torch.Tensor) -> torch.Tensor:
         """The summed vectors (..., hidden) of hint indices (..., neighbours); -1: none (zero).
         One bag per slot: the (..., neighbours, hidden) vectors are never materialised."""
@@ -298,8 +304,7 @@ class SuperResModel(nn.Module):
         offset = hires.unsqueeze(-1).to(self.hires_embedding.dtype) * self.hires_embedding
         if self.hint_embedding is not None:
             if hint is None:
-                hints = self.hints(input_ids)
-                hint = torch.where(hires.unsqueeze(-1), hints.index(hints.slots() + 1), -1)
+                hint = self.input_hints(self.hints(input_ids), hires)
             offset = offset + self.embed_hints(self.hint_embedding, hint)
         out = self.semvie(
             input_ids, attention_mask, position_ids, cache=cache, return_logits=False,
@@ -332,8 +337,9 @@ class SuperResModel(nn.Module):
         own head: the plain next-token loss); head k predicts labels[t+k] over the visual rows."""
         heads = heads or self.num_heads
         hints = self.hints(input_ids)
-        hint = None if hints is None else torch.where(self.hires_span(input_ids).unsqueeze(-1), hints.index(hints.slots() + 1), -1)
-        h = self.hidden(input_ids, attention_mask, position_ids, hint=hint)
+        hires = self.hires_span(input_ids)
+        hint = None if hints is None else self.input_hints(hints, hires)
+        h = self.hidden(input_ids, attention_mask, position_ids, hires=hires, hint=hint)
         if labels is None:
             return SuperResOutput(hidden=h)
         labels = labels.to(h.device)
