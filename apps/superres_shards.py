@@ -10,7 +10,9 @@ img2dataset layout) becomes a (low-res codes, caption, high-res codes) triplet:
   member (``lowres_member``, e.g. ``lowres.png`` of ``mars_data.shapes shards --lowres 64``:
   a render at the low-res size is what a base model trained on renders draws, while a
   bicubic resize blends every edge), then the optional degradations (Gaussian blur, JPEG
-  re-encoding) that make the model robust to the base model's outputs;
+  re-encoding) that make the model robust to the base model's outputs, then read at
+  ``lowres_scale`` times its size (``mars_superres.lowres_input``; the model's own
+  ``model.lowres_scale``, which training checks);
 - both encoded with the VQ tokenizer: ``<key>.codes.npy`` (high-res) and
   ``<key>.lowres.codes.npy``, by default the low-res codes of the tokenizer's own
   reconstruction (``degradations.round_trip``: encode, decode to an 8-bit image, encode again),
@@ -35,12 +37,12 @@ from omegaconf import DictConfig
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
-from mars_app.pipeline import to_pil
+from mars_app.pipeline import from_pil, to_pil
 from mars_core.io import atomic_path
 from mars_data.images import load_image
 from mars_data.tars import npy_member, read_samples, split_key
 from mars_data.webdata import CODES_KEY, IMAGE_KEYS, expand_urls
-from mars_superres import hires_size
+from mars_superres import hires_size, lowres_input
 from mars_tokenizer import VQTokenizer
 
 log = logging.getLogger(__name__)
@@ -52,10 +54,6 @@ def lowres_size(width: int, height: int, short_side: int, multiple: int) -> tupl
     scale = short_side / min(width, height)
     long = max(multiple, round(max(width, height) * scale / multiple) * multiple)
     return (long, short_side) if width >= height else (short_side, long)
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
 
 
 class TripletMaker:
@@ -89,7 +87,7 @@ class TripletMaker:
             buffer = io.BytesIO()
             lo.save(buffer, format="JPEG", quality=int(degrade.jpeg_quality))
             lo = load_image(buffer.getvalue(), "the degraded low-res image")
-        return to_tensor(hi), to_tensor(lo)
+        return from_pil([hi])[0], lowres_input(from_pil([lo])[0], self.cfg.lowres_scale)
 
     def batched(self, items: list[torch.Tensor], fn) -> list[torch.Tensor]:
         """``fn`` over same-shape batches of ``items``, one output per item, in order."""
@@ -113,7 +111,7 @@ class TripletMaker:
         what the cascade reads from a base image (a decode). About 12% of the shapes demo
         tokenizer's codes change on the way (docs/LOG.md)."""
         def again(batch: torch.Tensor) -> torch.Tensor:
-            return self.tokenizer.encode(torch.stack([to_tensor(image) for image in to_pil(self.tokenizer.decode(batch))]))
+            return self.tokenizer.encode(from_pil(to_pil(self.tokenizer.decode(batch))))
 
         return self.batched(codes, again)
 

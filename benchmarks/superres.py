@@ -17,9 +17,10 @@ training job uses it) are drawn at 64 px by the base model once, then upscaled b
 and scored at 128 px by the shapes evaluator (single / pair / spatial per language, the base
 images' scores beside them); and ground-truth 64 px renders are upscaled by each variant, by
 nearest-neighbour and by bicubic resizing: the share of pixels whose palette colour equals
-the exact 128 px render's (``mars_data.shapes.scoring.classify_pixels``), with the tokenizer's
-round trip of the exact 128 px renders beside them (the ceiling of any model that writes codes)
-and its round trip of the 64 px renders, nearest-upscaled (what the codes the model reads hold).
+the exact 128 px render's (``mars_data.shapes.scoring.classify_pixels``). Beside them: the best
+any upscaler of those renders can do (``shapes.ideal_upscale``), the tokenizer's round trip of
+the exact 128 px renders (the ceiling of any model that writes codes) and its round trip of the
+64 px renders as the model reads them, nearest-upscaled (what the codes the model reads hold).
 
 One torch thread by default (see benchmarks/generation.py); ``--threads 2`` on a quiet machine;
 ``--device cuda`` on a GPU (decoding synchronizes before each time is taken).
@@ -34,6 +35,7 @@ import time
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from mars_semvie import SemVIEForCausalLM
@@ -104,7 +106,7 @@ def speed(model, args) -> None:
 
 def trained(args) -> None:
     from mars_app.cascade import Cascade
-    from mars_app.pipeline import to_pil
+    from mars_app.pipeline import from_pil, to_pil
     from mars_data import shapes
     from mars_data.shapes.scoring import classify_pixels
 
@@ -142,14 +144,16 @@ def trained(args) -> None:
     print(f"base images ({low_size[0]}x{low_size[1]}), single/pair/spatial: {scores(base)}")
     for name, method in (("nearest", Image.NEAREST), ("bicubic", Image.BICUBIC)):
         print(f"palette match from {low_size[0]}x{low_size[1]} renders, {name}: {palette_match([im.resize(high_size, method) for im in renders_low]):.4f}")
+    ideal = [shapes.ideal_upscale(r["scene"], low_size, high_size) for r in tqdm(records, desc="ideal upscaling", unit="scene")]
+    print(f"palette match from {low_size[0]}x{low_size[1]} renders, the best any upscaler can do (shapes.ideal_upscale): {palette_match(ideal):.4f}")
     # the ceiling of any super-resolution through this tokenizer: the exact high-res render, encoded and decoded
     vq = cascade.superres.vq_tokenizer
     with torch.no_grad():
-        round_trip = to_pil(vq.decode(cascade.superres.encode([shapes.render(r["scene"], *high_size) for r in records])))
+        round_trip = to_pil(vq.decode(vq.encode(from_pil([shapes.render(r["scene"], *high_size) for r in records]))))
         low_trip = to_pil(vq.decode(cascade.superres.encode(renders_low)))
     print(f"palette match of the tokenizer's round trip of the exact {high_size[0]}x{high_size[1]} renders (the ceiling): {palette_match(round_trip):.4f}")
-    # what the model is given: the low-res codes, decoded and resized, with no model between
-    print(f"palette match of the tokenizer's round trip of the {low_size[0]}x{low_size[1]} renders, nearest: "
+    # what the model is given: the low-res codes (at its lowres_scale), decoded and resized, with no model between
+    print(f"palette match of the tokenizer's round trip of the {low_size[0]}x{low_size[1]} renders as the model reads them, nearest: "
           f"{palette_match([im.resize(high_size, Image.NEAREST) for im in low_trip]):.4f}")
     base_time, base_decode = statistics.median(times[1, "exact"]), statistics.median(decode_times[1, "exact"])
     one = outputs[1, "exact"]

@@ -27,17 +27,17 @@ from mars_app.cascade import SuperResPipeline
 from mars_app.pipeline import MarsPipeline
 from mars_data import ShardDataModule, shapes
 from mars_semvie import SemVIEForCausalLM
-from mars_superres import SuperResModel, SuperResModule
+from mars_superres import SuperResModel, SuperResModule, lowres_input
 from mars_tokenizer import VQGANConfig, VQTokenizer
 from tests.test_t2i import BatchesBuiltInWorkers, checkpoints  # noqa: F401  (checkpoints: the tiny LLM and VQ fixture, shared)
 
 
-def write_triplets(tokenizer: Path, images: Path, output: Path) -> None:
+def write_triplets(tokenizer: Path, images: Path, output: Path, lowres_scale: int = 1) -> None:
     """(16 px codes, caption, 32 px codes) triplets of 32 px shards, degraded as a base image may be."""
     superres_shards(OmegaConf.create(dict(
         tokenizer=str(tokenizer), input=str(images), output=str(output), lowres_short_side=16, long_side=32,
         degradations={"blur": 0.5, "jpeg_quality": 90, "round_trip": True}, keep_images=False, batch_size=16, device="cpu",
-        lowres_member=None,
+        lowres_member=None, lowres_scale=lowres_scale,
     )))
 
 
@@ -86,7 +86,7 @@ def test_triplets_take_the_samples_own_lowres_render(world, tmp_path):
     cfg = OmegaConf.create(dict(
         tokenizer=str(world["vq"]), input=str(tmp_path / "images"), output=str(tmp_path / "triplets"), lowres_short_side=16,
         long_side=32, degradations={"blur": 0.0, "jpeg_quality": None, "round_trip": False}, keep_images=False, batch_size=16,
-        device="cpu", lowres_member="lowres.png",
+        device="cpu", lowres_member="lowres.png", lowres_scale=1,
     ))
     superres_shards(cfg)
     data = ShardDataModule(str(tmp_path / "triplets"), batch_size=6, shuffle_buffer=0, load_images=False, load_codes=True, extra_codes=["lowres"])
@@ -107,6 +107,13 @@ def test_triplets_take_the_samples_own_lowres_render(world, tmp_path):
     assert torch.equal(vq.encode(decoded), again["lowres_codes"])
     assert not torch.equal(again["lowres_codes"], batch["lowres_codes"])
     assert torch.equal(again["codes"], batch["codes"])  # the high-res targets are untouched
+    # lowres_scale: the codes of the low-res render with each pixel repeated, on a finer grid
+    cfg.degradations.round_trip, cfg.lowres_scale, cfg.output = False, 2, str(tmp_path / "scale2")
+    superres_shards(cfg)
+    scaled = next(iter(ShardDataModule(cfg.output, batch_size=6, shuffle_buffer=0, load_images=False, load_codes=True, extra_codes=["lowres"]).train_dataloader()))
+    assert scaled["lowres_codes"].shape == (6, 8, 8) and torch.equal(scaled["codes"], batch["codes"])
+    assert torch.equal(vq.encode(lowres_input(renders, 2)), scaled["lowres_codes"])
+    assert torch.equal(lowres_input(renders, 2)[:, :, 5, 7], renders[:, :, 2, 3])
     # shards without the member: every sample skipped and counted, nothing written for them
     cfg.input, cfg.output = str(world["images"]), str(tmp_path / "none")
     from mars_data.tars import read_samples
@@ -168,7 +175,7 @@ def test_cascade_writes_high_res_images_exact_equals_one_head(make_cfg, world, t
 
 def test_stage3_with_its_own_finer_tokenizer_trains_exports_it_and_upscales_through_it(make_cfg, world, tmp_path):
     fine = VQTokenizer(VQGANConfig.from_preset("tiny", ch_mult=(1, 2))).save_pretrained(tmp_path / "fine")  # downsample 2, 32 codes
-    write_triplets(fine, world["images"], tmp_path / "triplets")
+    write_triplets(fine, world["images"], tmp_path / "triplets", lowres_scale=2)  # the recipe's: 16 px coded at 32 px
     cfg = make_cfg([
         "experiment=shapes_stage3_fine", f"model.base_path={world['base']}", f"model.tokenizer_path={fine}", f"data.train_shards={tmp_path / 'triplets'}",
         "data.batch_size=4", "data.num_workers=0", "model.long_side=32", "model.tokens_per_step=2",
@@ -178,8 +185,15 @@ def test_stage3_with_its_own_finer_tokenizer_trains_exports_it_and_upscales_thro
     export = Path(cfg.paths.output_dir) / "superres"
     assert VQTokenizer.from_pretrained(export / "tokenizer").downsample == 2  # the cascade re-encodes with stage III's tokenizer
     pipe = SuperResPipeline.from_pretrained(export)
-    images, stats = pipe.upscale([shapes.render(shapes.heldout_records(1, 0)[0]["scene"], 16, 16)], ["a red circle"], 2, "exact")
+    low = shapes.render(shapes.heldout_records(1, 0)[0]["scene"], 16, 16)
+    assert pipe.model.config.lowres_scale == 2 and pipe.encode([low]).shape == (1, 16, 16)  # the cascade reads as training did
+    images, stats = pipe.upscale([low], ["a red circle"], 2, "exact")
     assert images[0].size == (32, 32) and -(-273 // 2) <= stats.forward_passes <= 273  # 16x16 codes out: 273 slots (the base's grid: 73)
+    # triplets made at another scale than the model's: one clear error, not a model trained on other grids
+    module = SuperResModule(str(world["base"]), partial(torch.optim.AdamW), long_side=32, image_positions=80, lowres_scale=2)
+    batch = next(iter(ShardDataModule(str(world["triplets"]), batch_size=2, shuffle_buffer=0, load_images=False, load_codes=True, extra_codes=["lowres"]).train_dataloader()))
+    with pytest.raises(ValueError, match=r"4x4 codes: its image was encoded at lowres_scale=1, the model reads model.lowres_scale=2"):
+        module.triplets.build(batch, random.Random(0))
     wide = VQTokenizer(VQGANConfig.from_preset("tiny", codebook_size=64)).save_pretrained(tmp_path / "wide")
     with pytest.raises(ValueError, match="model.tokenizer_path=.* has 64 codes; the base model draws 32"):
         SuperResModule(str(world["base"]), partial(torch.optim.AdamW), tokenizer_path=str(wide), long_side=32, image_positions=80)
@@ -201,7 +215,8 @@ def test_benchmark_runs_on_a_cascade_and_checks_exact_output(world, tmp_path):
     assert [row.split("|")[1:3] for row in rows] == [[" 1 ", " exact "], [" 2 ", " fast "], [" 4 ", " fast "], [" 2 ", " exact "], [" 4 ", " exact "]]
     assert "palette match from 16x16 renders, bicubic" in proc.stdout
     assert "(the ceiling)" in proc.stdout
-    assert "round trip of the 16x16 renders, nearest" in proc.stdout
+    assert "round trip of the 16x16 renders as the model reads them, nearest" in proc.stdout
+    assert "the best any upscaler can do (shapes.ideal_upscale)" in proc.stdout
 
 
 def test_training_sequences_write_the_high_res_size_and_drop_captions(world):

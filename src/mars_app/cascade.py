@@ -11,7 +11,7 @@ A super-resolution checkpoint directory (``mars_superres.SuperResModule.export``
 Design choices:
 - The base image is re-encoded with the VQ tokenizer (not handed over as the base model's
   codes): the super-resolution model was trained on codes of images, and any image (a
-  user's, a render) can be upscaled the same way.
+  user's, a render) can be upscaled the same way; at the model's ``lowres_scale``.
 - Prompts: the requested high-res size and the caption (``mars_semvie.sequences``, stage II),
   then the low-res image (``SuperResModel.prompt_ids``); the unconditional prompt keeps the
   size and the low-res image and drops the caption, as in training.
@@ -26,14 +26,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from mars_app.pipeline import MarsPipeline, to_pil
+from mars_app.pipeline import MarsPipeline, from_pil, to_pil
 from mars_semvie.sequences import code_grid, codes_from_ids, collate, encode_prompt, image_slots, resolution_text
-from mars_superres import DecodeStats, SuperResModel, decode, hires_size
+from mars_superres import DecodeStats, SuperResModel, decode, hires_size, lowres_input
 from mars_superres.decoding import MODES
 from mars_superres.model import parse_size
 from mars_tokenizer import VQTokenizer
@@ -123,8 +122,8 @@ class SuperResPipeline:
         return out, stats
 
     def encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        pixels = np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1 for image in images])
-        return self.vq_tokenizer.encode(torch.from_numpy(pixels).permute(0, 3, 1, 2)).cpu()
+        """The low-res codes (B, rows, columns) of images of one size, as the model reads them."""
+        return self.vq_tokenizer.encode(lowres_input(from_pil(images), self.model.config.lowres_scale)).cpu()
 
 
 class Cascade:

@@ -328,9 +328,12 @@ class MarsPipeline:
 
     def encode(self, image: Image.Image) -> torch.Tensor:
         """The (rows, columns) code grid of an image, prepared to a trained resolution first."""
-        image = self.prepare(image)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
-        return self.vq_tokenizer.encode(pixels[None])[0].cpu()
+        return self.vq_tokenizer.encode(from_pil([self.prepare(image)]))[0].cpu()
+
+
+def from_pil(images: Sequence[Image.Image]) -> torch.Tensor:
+    """PIL images of one size -> float images (B, 3, H, W) in [-1, 1], as the VQ tokenizer reads them."""
+    return torch.from_numpy(np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1 for image in images])).permute(0, 3, 1, 2)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

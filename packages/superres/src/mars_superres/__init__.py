@@ -9,7 +9,7 @@
 from importlib.metadata import version as _version
 
 from mars_superres.decoding import DecodeStats, decode
-from mars_superres.model import SuperResConfig, SuperResModel, hires_size
+from mars_superres.model import SuperResConfig, SuperResModel, hires_size, lowres_input
 
 __version__ = _version("mars-superres")
 
@@ -23,4 +23,4 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["DecodeStats", "SuperResConfig", "SuperResModel", "SuperResModule", "decode", "hires_size"]
+__all__ = ["DecodeStats", "SuperResConfig", "SuperResModel", "SuperResModule", "decode", "hires_size", "lowres_input"]

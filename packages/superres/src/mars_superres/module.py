@@ -41,7 +41,7 @@ import torch
 from mars_core import require_path
 from mars_core.schedule import build_optimizer, warmup_cosine_scheduler
 from mars_semvie import sequences as seq
-from mars_superres.model import SuperResConfig, SuperResModel, build_triplet
+from mars_superres.model import SuperResConfig, SuperResModel, build_triplet, parse_size
 
 TOKENIZER_DIR, TEXT_TOKENIZER_DIR, BASE_CONFIG = "tokenizer", "text_tokenizer", "mars.json"
 # what stage III adds from zero (the base's parts start trained): the high-res type embedding, the hint tables
@@ -63,16 +63,31 @@ class TripletSequences:
     the data stream's generator (seeded by seed, epoch, rank and worker), so a resumed run
     draws what the first run drew."""
 
-    def __init__(self, text_tokenizer, vocab, downsample: int, uncond_prob: float, seed: int = 0):
+    def __init__(self, text_tokenizer, vocab, downsample: int, uncond_prob: float, seed: int = 0, lowres: tuple = (), lowres_scale: int = 1):
         # prompt ids (the high-res size written in) from the stage I/II builder's bounded cache
         self.prompts = seq.SequenceBuilder(text_tokenizer, vocab, downsample, resolution_in_prompt=True)
         self.vocab, self.downsample, self.uncond_prob, self.seed = vocab, downsample, uncond_prob, seed
+        self.lowres, self.lowres_scale = [parse_size(r) for r in lowres], lowres_scale
+
+    def check_scale(self, low: torch.Tensor) -> None:
+        """A low-res grid that is one of the model's low-res sizes read at another scale: the
+        triplets were made with another ``lowres_scale`` than the model's (other grids pass:
+        the low-res sizes the cascade reads are checked there)."""
+        rows, columns = low.shape
+        f = self.downsample
+        scales = {rows * f // h for w, h in self.lowres if rows * f % h == 0 and rows * w == columns * h}
+        if scales and self.lowres_scale not in scales:
+            raise ValueError(
+                f"a triplet's low-res grid is {rows}x{columns} codes: its image was encoded at lowres_scale={min(scales)}, "
+                f"the model reads model.lowres_scale={self.lowres_scale} (apps/superres_shards.py lowres_scale=...)"
+            )
 
     def build(self, batch: dict, rng: random.Random) -> dict[str, torch.Tensor]:
         if "lowres_codes" not in batch or "codes" not in batch:
             raise KeyError("super-resolution batches need codes and lowres_codes (data=superres_triplets)")
         ids, labels = [], []
         for high, low, caption in zip(batch["codes"].cpu(), batch["lowres_codes"].cpu(), batch["caption"]):
+            self.check_scale(low)
             size = (high.shape[1] * self.downsample, high.shape[0] * self.downsample)  # (width, height)
             text = "" if rng.random() < self.uncond_prob else caption
             x, y = build_triplet(self.prompts.prompt_ids(text, size), low, high, self.vocab)
@@ -98,6 +113,7 @@ class SuperResModule(L.LightningModule):
         image_positions: int = 0,  # learned image-offset rows (>= high-res tokens + 1); 0: as the base
         aligned_hints: bool = False,  # the low-res code under each high-res target added to inputs and heads (SuperResModel; not the paper's)
         hint_radius: int = 0,  # with aligned_hints: also the low-res codes up to this many cells around it
+        lowres_scale: int = 1,  # the low-res image encoded at this many times its size (the triplets' lowres_scale; not the paper's)
         uncond_prob: float = 0.1,
         gradient_checkpointing: bool = False,
         warmup_ratio: float = 0.01,
@@ -124,7 +140,7 @@ class SuperResModule(L.LightningModule):
                 raise ValueError(f"head1_share must be in (0, 1), got {head1_share}")
             rest = tokens_per_step - 1  # so any K_max keeps the share: 0.5 -> [7, 1, ..., 1] for 8 heads, [3, 1, 1, 1] for 4
             head_weights = [head1_share / (1 - head1_share) * rest if rest else 1.0] + [1.0] * rest
-        config = SuperResConfig(tokens_per_step, head_weights, long_side, image_positions, list(base["resolutions"]), aligned_hints, hint_radius)
+        config = SuperResConfig(tokens_per_step, head_weights, long_side, image_positions, list(base["resolutions"]), aligned_hints, hint_radius, lowres_scale)
         self.model = SuperResModel.from_base(base_path, config, llm_path=llm_path)
         self.model.semvie.gradient_checkpointing_enable(gradient_checkpointing)
         self.text_tokenizer = AutoTokenizer.from_pretrained(self.base_path / TEXT_TOKENIZER_DIR)
@@ -147,7 +163,7 @@ class SuperResModule(L.LightningModule):
         self.llm_path = llm_path
         self.export_dir = export_dir
         self.seed = seed
-        self.triplets = TripletSequences(self.text_tokenizer, self.vocab, downsample, uncond_prob, seed)
+        self.triplets = TripletSequences(self.text_tokenizer, self.vocab, downsample, uncond_prob, seed, config.lowres, lowres_scale)
 
     def setup(self, stage: str) -> None:
         """Hand the sequence builder to the datamodule: batches arrive built by its workers."""

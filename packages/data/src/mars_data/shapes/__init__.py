@@ -15,7 +15,7 @@ the layout restatement, and the task plugin of the generic training module (``ta
 
 from mars_data.shapes.captions import FORMS, LANGS, forms_for, parse_caption, write_caption
 from mars_data.shapes.restatement import CANONICAL, INVERSE, caption_correct, parse_restatement, restate_caption, restatement
-from mars_data.shapes.scoring import METRICS, detect, relation_holds, score_image, summarize
+from mars_data.shapes.scoring import METRICS, detect, ideal_upscale, relation_holds, score_image, summarize
 from mars_data.shapes.shards import (
     aspect_size,
     eval_rng,
@@ -46,6 +46,7 @@ __all__ = [
     "INVERSE",
     "ShapesEvaluator",
     "caption_correct",
+    "ideal_upscale",
     "parse_restatement",
     "restate_caption",
     "restatement",

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from mars_data.shapes.captions import parse_caption
-from mars_data.shapes.world import BACKGROUND, COLORS, RELATION_OFFSETS, SHAPES, shape_mask
+from mars_data.shapes.world import BACKGROUND, COLORS, RELATION_OFFSETS, SHAPES, object_masks, shape_mask
 
 COLOR_TOLERANCE = 60.0
 MIN_AREA_FRACTION = 0.01  # the smallest object of the world covers about 0.03 of the canvas
@@ -55,6 +55,44 @@ def classify_pixels(array: np.ndarray) -> np.ndarray:
     nearest = squared.argmin(axis=-1)
     is_color = (nearest < len(_COLOR_NAMES)) & (squared.min(axis=-1) <= COLOR_TOLERANCE**2)
     return np.where(is_color, nearest, -1)
+
+
+def ideal_upscale(scene: dict, low: tuple[int, int], high: tuple[int, int], seed: int = 0, chains: int = 256, steps: int = 400) -> Image.Image:
+    """The best any upscaler of the scene's ``low`` (width, height) render can do at ``high``,
+    pixel by pixel: a reference for super-resolution. Each object's box (cx, cy, s) is only
+    known to lie among those that draw the same low-res pixels; with the world's flat prior the
+    posterior is uniform there. Metropolis chains started from the scene's own box (which is
+    in that set) sample it: a proposal is kept iff it draws the same low-res pixels, a walk
+    whose stationary law is that uniform one. A high-res pixel takes the object's colour when
+    more than half the samples cover it: the per-pixel choice that maximises the expected
+    palette match. Objects do not touch, so each is sampled alone."""
+    (w, h), (W, H) = low, high
+    rng = np.random.default_rng(seed)
+    canvas = np.empty((H, W, 3), dtype=np.uint8)
+    canvas[:] = BACKGROUND
+    for obj in scene["objects"]:
+        box = np.array([obj["cx"], obj["cy"], obj["s"]])
+        # the low-res pixels around the object (3 beyond its box) decide the posterior
+        x0, x1 = max(0, int((box[0] - box[2] / 2) * w) - 3), min(w, int((box[0] + box[2] / 2) * w) + 4)
+        y0, y1 = max(0, int((box[1] - box[2] / 2) * h) - 3), min(h, int((box[1] + box[2] / 2) * h) + 4)
+        rows, columns = np.arange(y0, y1), np.arange(x0, x1)
+        seen = object_masks(obj["shape"], *box[:, None], w, h, rows, columns)
+        current, step, kept, samples = np.tile(box, (chains, 1)), np.full(3, 0.3 / max(w, h)), [], []
+        for t in range(steps):
+            proposal = current + rng.normal(size=(chains, 3)) * step
+            same = (object_masks(obj["shape"], *proposal.T, w, h, rows, columns) == seen).all(axis=(1, 2))
+            current[same] = proposal[same]
+            kept.append(same.mean())
+            if t < steps // 2 and t % 25 == 24:  # burn-in: steps sized for a 20-50% acceptance
+                rate = np.mean(kept[-25:])
+                step *= 0.5 if rate < 0.2 else 1.5 if rate > 0.5 else 1.0
+            elif t >= steps // 2 and t % 4 == 0:
+                samples.append(current.copy())
+        boxes = np.concatenate(samples)
+        hy, hx = np.arange(y0 * H // h, min(H, -(-y1 * H // h))), np.arange(x0 * W // w, min(W, -(-x1 * W // w)))
+        covered = object_masks(obj["shape"], *boxes.T, W, H, hy, hx).mean(axis=0) > 0.5
+        canvas[hy[:, None], hx[None, :]] = np.where(covered[..., None], COLORS[obj["color"]], canvas[hy[:, None], hx[None, :]])
+    return Image.fromarray(canvas)
 
 
 def label_regions(classes: np.ndarray) -> np.ndarray:

@@ -126,11 +126,21 @@ def render(scene: dict, width: int = 64, height: int | None = None) -> Image.Ima
     height = width if height is None else height
     canvas = np.empty((height, width, 3), dtype=np.uint8)
     canvas[:] = BACKGROUND
-    x = (np.arange(width) + 0.5) / width  # pixel centres as fractions of the canvas
-    y = (np.arange(height) + 0.5) / height
     for obj in scene["objects"]:
-        s = obj["s"]
-        u = (x[None, :] - (obj["cx"] - s / 2)) / s
-        v = (y[:, None] - (obj["cy"] - s / 2)) / s
-        canvas[shape_mask(obj["shape"], u, v)] = COLORS[obj["color"]]
+        canvas[object_masks(obj["shape"], *(np.array([obj[k]]) for k in ("cx", "cy", "s")), width, height)[0]] = COLORS[obj["color"]]
     return Image.fromarray(canvas)
+
+
+def object_masks(shape: str, cx: np.ndarray, cy: np.ndarray, s: np.ndarray, width: int, height: int,
+                 rows: np.ndarray | None = None, columns: np.ndarray | None = None) -> np.ndarray:
+    """The pixels of a ``width`` x ``height`` canvas that n objects of one shape cover (box
+    centres ``cx``, ``cy`` and sizes ``s``: arrays (n,)), as booleans (n, rows, columns):
+    pixel centres tested against the exact geometry; ``rows``, ``columns``: the pixel indices
+    to test (default: all)."""
+    rows = np.arange(height) if rows is None else rows
+    columns = np.arange(width) if columns is None else columns
+    x = (columns + 0.5) / width  # pixel centres as fractions of the canvas
+    y = (rows + 0.5) / height
+    u = (x[None, None, :] - (cx - s / 2)[:, None, None]) / s[:, None, None]
+    v = (y[None, :, None] - (cy - s / 2)[:, None, None]) / s[:, None, None]
+    return shape_mask(shape, u, v)
