@@ -69,11 +69,11 @@ class TripletSequences:
         self.vocab, self.downsample, self.uncond_prob, self.seed = vocab, downsample, uncond_prob, seed
         self.lowres, self.lowres_scale = [parse_size(r) for r in lowres], lowres_scale
 
-    def check_scale(self, low: torch.Tensor) -> None:
+    def check_scale(self, grid: torch.Size) -> None:
         """A low-res grid that is one of the model's low-res sizes read at another scale: the
         triplets were made with another ``lowres_scale`` than the model's (other grids pass:
         the low-res sizes the cascade reads are checked there)."""
-        rows, columns = low.shape
+        rows, columns = grid
         f = self.downsample
         scales = {rows * f // h for w, h in self.lowres if rows * f % h == 0 and rows * w == columns * h}
         if scales and self.lowres_scale not in scales:
@@ -85,9 +85,9 @@ class TripletSequences:
     def build(self, batch: dict, rng: random.Random) -> dict[str, torch.Tensor]:
         if "lowres_codes" not in batch or "codes" not in batch:
             raise KeyError("super-resolution batches need codes and lowres_codes (data=superres_triplets)")
+        self.check_scale(batch["lowres_codes"].shape[-2:])  # one grid per batch: the codes are stacked
         ids, labels = [], []
         for high, low, caption in zip(batch["codes"].cpu(), batch["lowres_codes"].cpu(), batch["caption"]):
-            self.check_scale(low)
             size = (high.shape[1] * self.downsample, high.shape[0] * self.downsample)  # (width, height)
             text = "" if rng.random() < self.uncond_prob else caption
             x, y = build_triplet(self.prompts.prompt_ids(text, size), low, high, self.vocab)
