@@ -21,6 +21,10 @@ the exact 128 px render's (``mars_data.shapes.scoring.classify_pixels``). Beside
 any upscaler of those renders can do (``shapes.ideal_upscale``), the tokenizer's round trip of
 the exact 128 px renders (the ceiling of any model that writes codes) and its round trip of the
 64 px renders as the model reads them, nearest-upscaled (what the codes the model reads hold).
+Speed in batches (``--batch-size``) and, for the first ``--latency-num`` base images, one image
+at a time: the interactive case, where a pass over K tokens costs about what a pass over one
+does, so fewer passes are fewer seconds; in large batches on a CPU a pass is compute-bound and
+costs nearly K passes of one.
 
 One torch thread by default (see benchmarks/generation.py); ``--threads 2`` on a quiet machine;
 ``--device cuda`` on a GPU (decoding synchronizes before each time is taken).
@@ -122,6 +126,7 @@ def trained(args) -> None:
     variants = [(K, m) for K, m in VARIANTS if K <= cascade.superres.model.num_heads]
     times = {v: [] for v in variants}
     decode_times = {v: [] for v in variants}
+    latency = {v: [] for v in variants}
     outputs = {}
     for _ in range(args.rounds):
         for K, mode in variants:
@@ -130,6 +135,10 @@ def trained(args) -> None:
             times[K, mode].append(time.perf_counter() - start)
             decode_times[K, mode].append(outputs[K, mode][1].seconds)
             outputs[K, mode, "renders"] = cascade.superres.upscale(renders_low, prompts, K, mode, cfg_scale=1.5, batch_size=args.batch_size)
+            if args.latency_num:  # the interactive case: one image (two guidance rows) per forward pass
+                start = time.perf_counter()
+                _, one_by_one = cascade.superres.upscale(base[: args.latency_num], prompts[: args.latency_num], K, mode, cfg_scale=1.5, batch_size=1)
+                latency[K, mode].append((one_by_one.seconds, time.perf_counter() - start))
     high_size = outputs[variants[0]][0][0].size
     renders_high = [classify_pixels(np.asarray(shapes.render(r["scene"], *high_size))) for r in records]
 
@@ -159,8 +168,19 @@ def trained(args) -> None:
     one = outputs[1, "exact"]
     print(f"batches of {args.batch_size} images, median of {args.rounds} rounds; decoding: the high-res tokens alone; "
           "upscale: with the prompts and the VQ encoding and decoding")
-    print("| K | mode | forward passes | tokens/s decoding | wall-clock ratio, decoding / upscale | mean accepted length (base images / renders) | single/pair/spatial | palette match |")
-    print("|---|---|---|---|---|---|---|---|")
+    if args.latency_num:
+        print(f"one image at a time: the first {min(args.latency_num, len(base))} base images, upscaled in batches of 1")
+    one_by_one = {v: [statistics.median([t[i] for t in latency[v]]) for i in (0, 1)] for v in variants if latency[v]}
+
+    def ratio_one_by_one(K, mode) -> str:
+        if not one_by_one:
+            return "-"
+        (d1, t1), (d, t) = one_by_one[1, "exact"], one_by_one[K, mode]
+        return f"{d1 / d:.2f}x / {t1 / t:.2f}x"
+
+    print("| K | mode | forward passes | tokens/s decoding | wall-clock ratio, decoding / upscale | one image at a time, decoding / upscale "
+          "| mean accepted length (base images / renders) | single/pair/spatial | palette match |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for K, mode in variants:
         images, stats = outputs[K, mode]
         t, d = statistics.median(times[K, mode]), statistics.median(decode_times[K, mode])
@@ -168,7 +188,7 @@ def trained(args) -> None:
             assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, one[0])), f"exact K={K} differs from K=1"
         print(
             f"| {K} | {mode} | {stats.forward_passes} ({one[1].forward_passes / stats.forward_passes:.2f}x fewer) | "
-            f"{stats.tokens / d:.0f} | {base_decode / d:.2f}x / {base_time / t:.2f}x | {stats.mean_accepted_length:.2f} / "
+            f"{stats.tokens / d:.0f} | {base_decode / d:.2f}x / {base_time / t:.2f}x | {ratio_one_by_one(K, mode)} | {stats.mean_accepted_length:.2f} / "
             f"{outputs[K, mode, 'renders'][1].mean_accepted_length:.2f} | {scores(images)} | {palette_match(outputs[K, mode, 'renders'][0]):.4f} |"
         )
 
@@ -181,6 +201,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=4242, help="held-out prompt seed (no training job uses it)")
     parser.add_argument("--prompts-file", help="also write the held-out prompts to this JSON Lines file")
     parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--latency-num", type=int, default=8, help="also time the first N base images one at a time (trained models; 0: no)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--codes", type=int, default=8192)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from functools import partial
 from pathlib import Path
 
@@ -207,12 +208,15 @@ def test_benchmark_runs_on_a_cascade_and_checks_exact_output(world, tmp_path):
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
         [sys.executable, str(root / "benchmarks" / "superres.py"), "--base", str(world["base"]), "--superres", str(world["superres"]),
-         "--num", "4", "--rounds", "1", "--batch-size", "4", "--prompts-file", str(tmp_path / "heldout.jsonl")],
+         "--num", "4", "--rounds", "1", "--batch-size", "4", "--latency-num", "2", "--prompts-file", str(tmp_path / "heldout.jsonl")],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "mode" not in line]
     assert [row.split("|")[1:3] for row in rows] == [[" 1 ", " exact "], [" 2 ", " fast "], [" 4 ", " fast "], [" 2 ", " exact "], [" 4 ", " exact "]]
+    assert "the first 2 base images, upscaled in batches of 1" in proc.stdout
+    assert all(re.fullmatch(r" [\d.]+x / [\d.]+x ", row.split("|")[6]) for row in rows)  # one image at a time, measured
+    assert rows[0].split("|")[6] == " 1.00x / 1.00x "
     assert "palette match from 16x16 renders, bicubic" in proc.stdout
     assert "(the ceiling)" in proc.stdout
     assert "round trip of the 16x16 renders as the model reads them, nearest" in proc.stdout

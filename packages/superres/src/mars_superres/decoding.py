@@ -70,7 +70,11 @@ class Stream:
         self.model = model
         row_end = model.vocab.image_row_end
         columns = next((i for i, slot in enumerate(slots) if slot is not None), len(slots))
-        self.hints = model.hints(input_ids, (columns, max(1, sum(slot == row_end for slot in slots))))
+        hints = model.hints(input_ids, (columns, max(1, sum(slot == row_end for slot in slots))))
+        # every slot's hint indices once (the grid is fixed): a pass looks them up with one gather,
+        # not LowresHints.index's ~30 small ops per call (one image per pass is op-bound);
+        # slots past the end (drafts) are all ``none``, as the table's last row
+        self.hint_table = None if hints is None else hints.index(torch.arange(max_new_tokens + 1, device=input_ids.device).expand(B, -1))
         self.mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.long()
         positions = (
             torch.arange(L, device=input_ids.device).expand(B, L)
@@ -83,16 +87,22 @@ class Stream:
         self.offsets = model.semvie.image_position is not None
         self.forward_passes = 1
         hint = None
-        if self.hints is not None:  # the prompt's last token is the high-res <image_start> (slot -1): slot 0's hint
-            hint = torch.full((B, L, self.hints.neighbours), -1, dtype=torch.long, device=input_ids.device)
-            hint[:, -1] = self.hints.index(torch.zeros(B, dtype=torch.long, device=input_ids.device))
+        if self.hint_table is not None:  # the prompt's last token is the high-res <image_start> (slot -1): slot 0's hint
+            hint = torch.full((B, L, self.hint_table.shape[-1]), -1, dtype=torch.long, device=input_ids.device)
+            hint[:, -1] = self.hint_table[:, 0]
         self.h = model.hidden(input_ids, self.mask, positions, cache=self.cache, hint=hint)[:, -1:]
+
+    def hint(self, slots: torch.Tensor) -> torch.Tensor:
+        """Hint indices (rows, ..., neighbours) of high-res slots (rows, ...), slots >= 0."""
+        table = self.hint_table
+        at = slots.clamp(max=table.shape[1] - 1).reshape(len(slots), -1, 1).expand(-1, -1, table.shape[-1])
+        return table.gather(1, at).view(*slots.shape, -1)
 
     def logits(self, h: torch.Tensor, heads: int, slots: torch.Tensor) -> torch.Tensor:
         """``model.visual_logits`` of states h (rows, ..., hidden) at high-res ``slots`` (rows, ...)."""
         hint = None
-        if self.hints is not None and heads > 1:
-            hint = self.hints.index(slots.unsqueeze(-1) + torch.arange(2, heads + 1, device=slots.device))
+        if self.hint_table is not None and heads > 1:
+            hint = self.hint(slots.unsqueeze(-1) + torch.arange(2, heads + 1, device=slots.device))
         return self.model.visual_logits(h, heads, hint)
 
     def feed(self, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -106,7 +116,7 @@ class Stream:
             self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), n)], dim=1)
         self.before = (self.last, self.cache.image_offset.clone() if self.offsets else None)
         hires = torch.ones_like(tokens, dtype=torch.bool)  # everything fed after the prompt is high-res
-        hint = None if self.hints is None else self.hints.index(slots + 1)
+        hint = None if self.hint_table is None else self.hint(slots + 1)
         self.h = self.model.hidden(tokens, self.mask, positions, cache=self.cache, hires=hires, hint=hint)
         self.last = positions[:, -1:]
         self.forward_passes += 1
