@@ -137,8 +137,8 @@ def trained(args) -> None:
             outputs[K, mode, "renders"] = cascade.superres.upscale(renders_low, prompts, K, mode, cfg_scale=1.5, batch_size=args.batch_size)
             if args.latency_num:  # the interactive case: one image (two guidance rows) per forward pass
                 start = time.perf_counter()
-                _, one_by_one = cascade.superres.upscale(base[: args.latency_num], prompts[: args.latency_num], K, mode, cfg_scale=1.5, batch_size=1)
-                latency[K, mode].append((one_by_one.seconds, time.perf_counter() - start))
+                _, alone = cascade.superres.upscale(base[: args.latency_num], prompts[: args.latency_num], K, mode, cfg_scale=1.5, batch_size=1)
+                latency[K, mode].append((alone.seconds, time.perf_counter() - start))
     high_size = outputs[variants[0]][0][0].size
     renders_high = [classify_pixels(np.asarray(shapes.render(r["scene"], *high_size))) for r in records]
 
