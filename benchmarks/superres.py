@@ -21,7 +21,10 @@ the exact 128 px render's (``mars_data.shapes.scoring.classify_pixels``). Beside
 any upscaler of those renders can do (``shapes.ideal_upscale``), the tokenizer's round trip of
 the exact 128 px renders (the ceiling of any model that writes codes) and its round trip of the
 64 px renders as the model reads them, nearest-upscaled (what the codes the model reads hold).
-Speed in batches (``--batch-size``) and, for the first ``--latency-num`` base images, one image
+Each variant's palette match is also given as its lead over nearest-neighbour on the same
+renders, with two standard errors (paired over scenes: at 200 renders the leads are a few
+ten-thousandths, about the size of their error). Speed in batches (``--batch-size``) and, in
+``--latency-rounds`` rounds of their own, for the first ``--latency-num`` base images one image
 at a time: the interactive case, where a pass over K tokens costs about what a pass over one
 does, so fewer passes are fewer seconds; in large batches on a CPU a pass is compute-bound and
 costs nearly K passes of one.
@@ -44,7 +47,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from mars_semvie import SemVIEForCausalLM
 from mars_semvie.sequences import collate, image_slots
-from mars_superres import SuperResConfig, SuperResModel, decode
+from mars_superres import DecodeStats, SuperResConfig, SuperResModel, decode
 
 VARIANTS = [(1, "exact"), (2, "fast"), (4, "fast"), (8, "fast"), (2, "exact"), (4, "exact"), (8, "exact")]
 
@@ -126,7 +129,6 @@ def trained(args) -> None:
     variants = [(K, m) for K, m in VARIANTS if K <= cascade.superres.model.num_heads]
     times = {v: [] for v in variants}
     decode_times = {v: [] for v in variants}
-    latency = {v: [] for v in variants}
     outputs = {}
     for _ in range(args.rounds):
         for K, mode in variants:
@@ -135,15 +137,33 @@ def trained(args) -> None:
             times[K, mode].append(time.perf_counter() - start)
             decode_times[K, mode].append(outputs[K, mode][1].seconds)
             outputs[K, mode, "renders"] = cascade.superres.upscale(renders_low, prompts, K, mode, cfg_scale=1.5, batch_size=args.batch_size)
-            if args.latency_num:  # the interactive case: one image (two guidance rows) per forward pass
+    # the interactive case: one image (two guidance rows) per forward pass, in rounds of its own
+    # (a single round beside the batch runs gave fast K=4 2.21x where three rounds alone gave
+    # 2.67x: docs/LOG.md, session 25); within a round every image goes through every variant in
+    # turn, so a change of load hits all variants alike
+    latency = {v: [] for v in variants}  # per round: (decoding, upscale) seconds over the images
+    alone = {}
+    first = list(zip(base, prompts))[: args.latency_num]
+    for _ in range(args.latency_rounds if first else 0):
+        total = {v: [0.0, 0.0] for v in variants}
+        for image, prompt in first:
+            for K, mode in variants:
                 start = time.perf_counter()
-                _, alone = cascade.superres.upscale(base[: args.latency_num], prompts[: args.latency_num], K, mode, cfg_scale=1.5, batch_size=1)
-                latency[K, mode].append((alone.seconds, time.perf_counter() - start))
+                _, stats = cascade.superres.upscale([image], [prompt], K, mode, cfg_scale=1.5, batch_size=1)
+                total[K, mode][1] += time.perf_counter() - start
+                total[K, mode][0] += stats.seconds
+                alone.setdefault((K, mode), []).append(stats)
+        for v in variants:
+            latency[v].append(total[v])
     high_size = outputs[variants[0]][0][0].size
     renders_high = [classify_pixels(np.asarray(shapes.render(r["scene"], *high_size))) for r in records]
 
+    def matches(images) -> np.ndarray:
+        """Per image: the share of pixels whose palette colour equals the exact render's."""
+        return np.array([(classify_pixels(np.asarray(im.convert("RGB"))) == gt).mean() for im, gt in zip(images, renders_high)])
+
     def palette_match(images) -> float:
-        return float(np.mean([(classify_pixels(np.asarray(im.convert("RGB"))) == gt).mean() for im, gt in zip(images, renders_high)]))
+        return float(matches(images).mean())
 
     def scores(images) -> str:
         summary = shapes.summarize([shapes.score_image(im, r) for im, r in zip(images, records)])
@@ -151,8 +171,9 @@ def trained(args) -> None:
 
     print(f"{len(records)} held-out prompts (seed {args.seed}); base images {low_size}, high-res {high_size}")
     print(f"base images ({low_size[0]}x{low_size[1]}), single/pair/spatial: {scores(base)}")
-    for name, method in (("nearest", Image.NEAREST), ("bicubic", Image.BICUBIC)):
-        print(f"palette match from {low_size[0]}x{low_size[1]} renders, {name}: {palette_match([im.resize(high_size, method) for im in renders_low]):.4f}")
+    nearest = matches([im.resize(high_size, Image.NEAREST) for im in renders_low])
+    print(f"palette match from {low_size[0]}x{low_size[1]} renders, nearest: {nearest.mean():.4f}")
+    print(f"palette match from {low_size[0]}x{low_size[1]} renders, bicubic: {palette_match([im.resize(high_size, Image.BICUBIC) for im in renders_low]):.4f}")
     ideal = [shapes.ideal_upscale(r["scene"], low_size, high_size) for r in tqdm(records, desc="ideal upscaling", unit="scene")]
     print(f"palette match from {low_size[0]}x{low_size[1]} renders, the best any upscaler can do (shapes.ideal_upscale): {palette_match(ideal):.4f}")
     # the ceiling of any super-resolution through this tokenizer: the exact high-res render, encoded and decoded
@@ -168,29 +189,40 @@ def trained(args) -> None:
     one = outputs[1, "exact"]
     print(f"batches of {args.batch_size} images, median of {args.rounds} rounds; decoding: the high-res tokens alone; "
           "upscale: with the prompts and the VQ encoding and decoding")
-    if args.latency_num:
-        print(f"one image at a time: the first {min(args.latency_num, len(base))} base images, upscaled in batches of 1")
-    one_by_one = {v: [statistics.median([t[i] for t in latency[v]]) for i in (0, 1)] for v in variants if latency[v]}
 
-    def ratio_one_by_one(K, mode) -> str:
-        if not one_by_one:
-            return "-"
-        (d1, t1), (d, t) = one_by_one[1, "exact"], one_by_one[K, mode]
-        return f"{d1 / d:.2f}x / {t1 / t:.2f}x"
+    def against_nearest(images) -> str:
+        """The palette match's lead over nearest-neighbour on the same renders, mean over images
+        and two standard errors of it (paired: the same scenes)."""
+        lead = matches(images) - nearest
+        spread = 2 * lead.std(ddof=1) / np.sqrt(len(lead)) if len(lead) > 1 else float("nan")
+        return f"{lead.mean():+.4f} ± {spread:.4f}"
 
-    print("| K | mode | forward passes | tokens/s decoding | wall-clock ratio, decoding / upscale | one image at a time, decoding / upscale "
-          "| mean accepted length (base images / renders) | single/pair/spatial | palette match |")
+    print("| K | mode | forward passes | tokens/s decoding | wall-clock ratio, decoding / upscale "
+          "| mean accepted length (base images / renders) | single/pair/spatial | palette match | lead over nearest (± 2 SE) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for K, mode in variants:
         images, stats = outputs[K, mode]
         t, d = statistics.median(times[K, mode]), statistics.median(decode_times[K, mode])
         if mode == "exact":
             assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, one[0])), f"exact K={K} differs from K=1"
+        renders = outputs[K, mode, "renders"]
         print(
             f"| {K} | {mode} | {stats.forward_passes} ({one[1].forward_passes / stats.forward_passes:.2f}x fewer) | "
-            f"{stats.tokens / d:.0f} | {base_decode / d:.2f}x / {base_time / t:.2f}x | {ratio_one_by_one(K, mode)} | {stats.mean_accepted_length:.2f} / "
-            f"{outputs[K, mode, 'renders'][1].mean_accepted_length:.2f} | {scores(images)} | {palette_match(outputs[K, mode, 'renders'][0]):.4f} |"
+            f"{stats.tokens / d:.0f} | {base_decode / d:.2f}x / {base_time / t:.2f}x | {stats.mean_accepted_length:.2f} / "
+            f"{renders[1].mean_accepted_length:.2f} | {scores(images)} | {palette_match(renders[0]):.4f} | {against_nearest(renders[0])} |"
         )
+    if not first:
+        return
+    print(f"one image at a time: the first {len(first)} base images, upscaled in batches of 1, median of {args.latency_rounds} rounds")
+    print("| K | mode | forward passes per image | seconds per image, decoding | wall-clock ratio, decoding / upscale | mean accepted length |")
+    print("|---|---|---|---|---|---|")
+    (d1, t1) = (statistics.median(r[i] for r in latency[1, "exact"]) for i in (0, 1))
+    for K, mode in variants:
+        d, t = (statistics.median(r[i] for r in latency[K, mode]) for i in (0, 1))
+        runs = alone[K, mode]
+        accepted = DecodeStats(accepted=[a for run in runs for a in run.accepted]).mean_accepted_length
+        print(f"| {K} | {mode} | {sum(run.forward_passes for run in runs) / len(runs):.1f} | {d / len(first):.3f} | "
+              f"{d1 / d:.2f}x / {t1 / t:.2f}x | {accepted:.2f} |")
 
 
 def main() -> None:
@@ -208,6 +240,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="images per batch (random model)")
     parser.add_argument("--grid", type=int, default=16, help="high-res side in codes (random model)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--latency-rounds", type=int, default=3, help="rounds of the one-image timing (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (see the docstring)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
