@@ -138,9 +138,8 @@ def trained(args) -> None:
             decode_times[K, mode].append(outputs[K, mode][1].seconds)
             outputs[K, mode, "renders"] = cascade.superres.upscale(renders_low, prompts, K, mode, cfg_scale=1.5, batch_size=args.batch_size)
     # the interactive case: one image (two guidance rows) per forward pass, in rounds of its own
-    # (a single round beside the batch runs gave fast K=4 2.21x where three rounds alone gave
-    # 2.67x: docs/LOG.md, session 25); within a round every image goes through every variant in
-    # turn, so a change of load hits all variants alike
+    # (one round interleaved with the batch runs was noisy: docs/LOG.md, session 25); within a
+    # round every image goes through every variant in turn, so a change of load hits all alike
     latency = {v: [] for v in variants}  # per round: (decoding, upscale) seconds over the images
     alone = {}
     first = list(zip(base, prompts))[: args.latency_num]
@@ -216,7 +215,7 @@ def trained(args) -> None:
     print(f"one image at a time: the first {len(first)} base images, upscaled in batches of 1, median of {args.latency_rounds} rounds")
     print("| K | mode | forward passes per image | seconds per image, decoding | wall-clock ratio, decoding / upscale | mean accepted length |")
     print("|---|---|---|---|---|---|")
-    (d1, t1) = (statistics.median(r[i] for r in latency[1, "exact"]) for i in (0, 1))
+    d1, t1 = (statistics.median(r[i] for r in latency[1, "exact"]) for i in (0, 1))
     for K, mode in variants:
         d, t = (statistics.median(r[i] for r in latency[K, mode]) for i in (0, 1))
         runs = alone[K, mode]
