@@ -63,8 +63,7 @@ def random_model(args) -> SuperResModel:
     model = SuperResModel(semvie, SuperResConfig(tokens_per_step=8, long_side=16 * args.grid)).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for head in model.extra_heads:
-            head.mlp.down_proj.weight.normal_(0, 0.02, generator=g)
+        model.extra_heads.down.normal_(0, 0.02, generator=g)
     return model.to(args.device)
 
 

@@ -75,8 +75,34 @@ def test_heads_predict_further_tokens_and_losses_add_up(build_tiny_superres):
     expected = torch.nn.functional.cross_entropy(logits[:, :-2][mask], targets[mask] - model.vocab.text_size)
     assert_close(out.head_losses[1], expected)
     out.loss.backward()
-    assert model.extra_heads[1].mlp.down_proj.weight.grad.abs().sum() > 0
+    assert model.extra_heads.down.grad[1].abs().sum() > 0
     assert model.hires_embedding.grad.abs().sum() > 0
+
+
+def test_each_stacked_head_is_the_llms_mlp_block(build_tiny_superres):
+    """Head k computes h + mlp(norm(h + hint)) with the LLM's own norm and gated MLP modules
+    given its weights, whichever heads are run together."""
+    model = build_tiny_superres(tokens_per_step=4)
+    heads = model.extra_heads
+    norm = model.semvie.llm.model.layers[-1].post_attention_layernorm
+    mlp = model.semvie.experts[-1].mlp
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    h, hint = torch.randn(2, 5, heads.norm.shape[1], generator=g), torch.randn(2, 5, 3, heads.norm.shape[1], generator=g)
+    everything, last_two = heads(h, hint), heads(h, hint[..., 1:, :], slice(1, 3))
+    inner = heads.down.shape[1]
+    for k in range(3):
+        with torch.no_grad():
+            norm.weight.copy_(heads.norm[k])
+            mlp.gate_proj.weight.copy_(heads.gate_up[k, :, :inner].T)
+            mlp.up_proj.weight.copy_(heads.gate_up[k, :, inner:].T)
+            mlp.down_proj.weight.copy_(heads.down[k].T)
+        expected = h + mlp(norm(h + hint[..., k, :]))
+        assert_close(everything[..., k, :], expected)
+        if k:
+            assert_close(last_two[..., k - 1, :], expected)
 
 
 def test_a_new_model_computes_what_the_base_does(build_tiny_superres):
@@ -163,7 +189,7 @@ def test_checkpoint_saves_and_loads(build_tiny_superres, tmp_path, hints, radius
     model.save_pretrained(tmp_path / "sr", llm_path=None)
     weights = load_file(tmp_path / "sr" / WEIGHTS_NAME)
     tables = {"hint_embedding.weight", "head_hint_embedding.weight"} if hints else set()
-    assert set(weights) == {"hires_embedding", *tables, *(f"extra_heads.{i}.{n}" for i in range(3) for n in ("norm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"))}
+    assert set(weights) == {"hires_embedding", *tables, "extra_heads.norm", "extra_heads.gate_up", "extra_heads.down"}
     config = json.loads((tmp_path / "sr" / "superres_config.json").read_text())
     assert config["tokens_per_step"] == 4 and config["long_side"] == 32 and config["lowres"] == ["16x16"]
     assert config["aligned_hints"] is hints and config["hint_radius"] == radius

@@ -67,7 +67,6 @@ Design choices:
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -210,20 +209,39 @@ class LowresHints:
         return torch.arange(L, device=self.start.device) - self.start[:, None] - 1
 
 
-class ResidualHead(nn.Module):
-    """Head k >= 2 before the shared output projection: z = h + mlp(norm(h + hint))."""
+class ResidualHeads(nn.Module):
+    """Heads 2..K before the shared output projection, their weights stacked (head index first):
+    z_k = h + down_k(act(gate_k(x)) * up_k(x)) with x = rms_norm(h + hint_k) * norm_k.
 
-    def __init__(self, norm: nn.Module, mlp: nn.Module):
+    The LLM's own MLP form (the Qwen family's gated MLP without biases), each head's copy
+    stacked with the others so that all heads run in one batched matmul per projection:
+    one image per pass is op-bound, and three heads as separate modules took twice as long
+    (docs/LOG.md). Each head starts as ``mlp`` (the last visual expert FFN) after ``norm`` (the
+    last layer's post-attention norm), its down projection zeroed: head k then predicts what
+    head 1 predicts."""
+
+    def __init__(self, heads: int, norm: nn.Module, mlp: nn.Module):
         super().__init__()
-        self.norm = copy.deepcopy(norm)
-        self.mlp = copy.deepcopy(mlp)
-        with torch.no_grad():  # zero output: the head starts as a copy of head 1
-            self.mlp.down_proj.weight.zero_()
-            if self.mlp.down_proj.bias is not None:
-                self.mlp.down_proj.bias.zero_()
+        projections = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+        if not hasattr(mlp, "act_fn") or any(p is None or p.bias is not None for p in projections):
+            raise ValueError(f"the next-K-token heads copy a gated MLP without biases (gate_proj, up_proj, down_proj, act_fn), not {type(mlp).__name__}")
+        gate, up, down = (p.weight.detach() for p in projections)
+        self.eps = norm.variance_epsilon
+        self.act = mlp.act_fn
+        self.norm = nn.Parameter(norm.weight.detach().expand(heads, -1).clone())  # (heads, hidden)
+        self.gate_up = nn.Parameter(torch.cat([gate, up]).T.expand(heads, -1, -1).clone())  # (heads, hidden, 2 * inner)
+        self.down = nn.Parameter(torch.zeros_like(down.T).expand(heads, -1, -1).clone())  # (heads, inner, hidden)
 
-    def forward(self, h: torch.Tensor, hint: torch.Tensor | None = None) -> torch.Tensor:
-        return h + self.mlp(self.norm(h if hint is None else h + hint))
+    def forward(self, h: torch.Tensor, hint: torch.Tensor | None = None, heads: slice = slice(None)) -> torch.Tensor:
+        """States (..., n, hidden) of the n heads ``heads`` (indices into 2..K) at h (..., hidden);
+        ``hint`` (..., n, hidden) is added before the norm."""
+        norm, gate_up, down = self.norm[heads], self.gate_up[heads], self.down[heads]
+        x = h.unsqueeze(-2) if hint is None else h.unsqueeze(-2) + hint
+        x = x.expand(*h.shape[:-1], len(norm), h.shape[-1]).reshape(-1, len(norm), h.shape[-1]).transpose(0, 1)
+        x = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype) * norm.unsqueeze(1)  # (n, rows, hidden)
+        gate, up = torch.bmm(x, gate_up).chunk(2, dim=-1)
+        out = torch.bmm(self.act(gate) * up, down).transpose(0, 1)  # (rows, n, hidden)
+        return h.unsqueeze(-2) + out.view(*h.shape[:-1], len(norm), h.shape[-1])
 
 
 class SuperResModel(nn.Module):
@@ -239,8 +257,7 @@ class SuperResModel(nn.Module):
         self.hires_embedding = nn.Parameter(torch.zeros(hidden, dtype=ref.dtype, device=ref.device))
         last = semvie.experts[-1] if semvie.experts is not None else semvie.llm.model.layers[-1]
         norm = semvie.llm.model.layers[-1].post_attention_layernorm
-        self.extra_heads = nn.ModuleList(ResidualHead(norm, last.mlp) for _ in range(config.tokens_per_step - 1))
-        self.extra_heads.requires_grad_(True)
+        self.extra_heads = ResidualHeads(config.tokens_per_step - 1, norm, last.mlp) if config.tokens_per_step > 1 else None
         self.hint_embedding = self.head_hint_embedding = None
         if config.aligned_hints:  # per neighbour: the codebook, then ``none`` (row ends, <image_end>); zero: no effect at the start
             rows = (self.vocab.num_codes + 1) * (2 * config.hint_radius + 1) ** 2
@@ -343,9 +360,10 @@ class SuperResModel(nn.Module):
             raise ValueError(f"tokens_per_step={heads}: this model has heads 1..{self.num_heads}")
         if heads > 1 and self.head_hint_embedding is not None and hint is None:
             raise ValueError("this model reads aligned low-res hints: pass the heads' hint indices")
-        extra = self.head_hint(hint)
-        states = [h] + [head(h, None if extra is None else extra[..., k, :]) for k, head in enumerate(self.extra_heads[: heads - 1])]
-        return self.semvie.vision_head(torch.stack(states, dim=-2))
+        states = h.unsqueeze(-2)
+        if heads > 1:
+            states = torch.cat([states, self.extra_heads(h, self.head_hint(hint), slice(heads - 1))], dim=-2)
+        return self.semvie.vision_head(states)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, heads: int | None = None) -> SuperResOutput:
         """Training: the next-K-token loss on the labelled (high-res) positions.
@@ -371,8 +389,8 @@ class SuperResModel(nn.Module):
                 logits = self.semvie._heads(states)  # SemVIE's own head: exactly its next-token loss
                 goal = targets[selected]
             else:
-                extra = None if hints is None else self.head_hint(hints.index(hints.slots()[:, :-k] + k)[selected])
-                logits = self.semvie.vision_head(self.extra_heads[k - 2](states, extra))
+                extra = None if hints is None else self.head_hint(hints.index(hints.slots()[:, :-k] + k)[selected]).unsqueeze(-2)
+                logits = self.semvie.vision_head(self.extra_heads(states, extra, slice(k - 2, k - 1))[:, 0])
                 goal = targets[selected] - T
                 if bool((goal < 0).any()):
                     raise ValueError("next-K-token targets must be visual tokens (the high-res span)")
