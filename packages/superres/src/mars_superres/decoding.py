@@ -316,8 +316,9 @@ def _exact(model, stream: Stream, policy: Policy, slots: list, K: int, guided: b
         fed = torch.cat([c[:, None], drafts], dim=1)
         # past a row's last slot (a finished row, drafts past the end) a text token fills the
         # block: it becomes a hole, and as a text token it takes no image offset beyond the table
-        beyond = ~active[:, None] | (pos[:, None] - 1 + torch.arange(1 + n, device=device) >= N)
-        fed_slots = _both(pos[:, None] - 1 + torch.arange(1 + n, device=device), guided)
+        fed_at = pos[:, None] - 1 + torch.arange(1 + n, device=device)
+        beyond = ~active[:, None] | (fed_at >= N)
+        fed_slots = _both(fed_at, guided)
         h = stream.feed(_both(fed.masked_fill(beyond, FILLER), guided), fed_slots)  # (rows, 1 + n, hidden)
         p_scores = policy.scores(stream.logits(h, 1, fed_slots)[..., 0, :])  # (B, 1 + n, C): head 1 after each fed token
         at = pos[:, None] + torch.arange(n, device=device)  # the drafts' slots
@@ -331,9 +332,8 @@ def _exact(model, stream: Stream, policy: Policy, slots: list, K: int, guided: b
             keep = policy.uniform(n) * q.gather(2, safe)[..., 0] < p.gather(2, safe)[..., 0]  # u < p/q without dividing
         keep = (keep | fixed) & (at < N)
         kept = keep.long().cumprod(1).sum(1) * active  # drafts each row keeps (none for a finished row)
-        for j in range(n):  # write the kept drafts
-            write = active & (kept > j)
-            out[rows, (pos + j).clamp(max=N + K - 1)] = torch.where(write, drafts[:, j], out[rows, (pos + j).clamp(max=N + K - 1)])
+        at = at.clamp(max=N + K - 1)  # write the kept drafts (past the end: unwritten spare columns)
+        out.scatter_(1, at, torch.where(torch.arange(n, device=device) < kept[:, None], drafts, out.gather(1, at)))
         stats.accepted += (1 + kept[active]).tolist()
         stream.keep(_both(active.long() * (1 + kept), guided), 1 + n)
         pos = pos + kept
