@@ -9,21 +9,18 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# --no-compile: Python compiles the modules a run imports on first import; pip's compiling every
-# installed module up front took a third of a fresh set-up (86 -> 58 s, docs/LOG.md)
-PIP := $(PY) -m pip install --quiet --no-compile
 
 .PHONY: setup test demo clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml packages/*/pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) --upgrade pip
-	$(PIP) "$(TORCH)"
-	$(PIP) -e packages/core -e packages/tokenizer -e packages/semvie -e "packages/data[curation]" -e packages/superres -e ".[dev]"
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e packages/core -e packages/tokenizer -e packages/semvie -e "packages/data[curation]" -e packages/superres -e ".[dev]"
 	# taming-transformers' own modules, for the checkpoint-parity tests only; --no-deps because
 	# its metadata asks for torchvision, which breaks this torch
-	$(PIP) --no-deps taming-transformers-rom1504==0.0.6
+	$(PY) -m pip install --quiet --no-deps taming-transformers-rom1504==0.0.6
 	@if $(PY) -m pip show --quiet torchvision 2>/dev/null; then echo "error: torchvision got installed (it breaks this torch)"; exit 1; fi
 	touch $@
 
