@@ -38,6 +38,8 @@ Design choices:
   bounds K=4 fast decoding at K*L/(L+K-1) = 2.3x, below the 2.5x target. ``mlp_k`` is a
   copy of the last visual expert FFN (``norm_k`` of the last layer's post-attention norm)
   with its output projection zeroed: at the start head k predicts what head 1 predicts.
+  The heads' weights are stacked (``ResidualHeads``), so all of them run in one batched
+  matmul per projection.
 - **Aligned low-res hints** (``aligned_hints``; our addition, not in the paper): a learned
   vector per low-res code (``hint_embedding``, zero at the start) is added to the input of
   every high-res token, namely the vector of the low-res code that lies under the *next*
