@@ -17,7 +17,7 @@ from apps.generate import generate
 from mars_data.shapes import read_prompts
 from mars_app.pipeline import CONFIG_NAME, MarsPipeline
 from mars_semvie import SemVIEForCausalLM
-from mars_semvie.text import ENDOFTEXT
+from mars_semvie.vocab import ENDOFTEXT
 from mars_tokenizer import VQGANConfig, VQTokenizer
 from tests.conftest import ROOT
 
@@ -238,3 +238,16 @@ def test_generate_command_line_with_a_chinese_prompt(tmp_path, ckpt):
     command = [sys.executable, "apps/generate.py", f"ckpt={ckpt}", 'prompt="一个红色的圆形"', f"out={tmp_path}", "grid=true"]
     subprocess.run(command, cwd=ROOT, check=True, env={"MARS_ROOT": str(tmp_path), "PATH": ""})
     assert (tmp_path / "00000.png").is_file() and (tmp_path / "grid.png").is_file()
+
+
+@pytest.mark.parametrize("app", ["generate.py", "evaluate.py", "tokenize_shards.py", "superres_shards.py"])
+def test_apps_that_train_nothing_import_no_lightning(app):
+    # importing Lightning costs 2.5-5 s in every process, about half of a short demo step
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = [{str(ROOT / 'apps' / app)!r}, '--help']\n"
+        "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "print('lightning' in sys.modules, 'lightning.pytorch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "False False"

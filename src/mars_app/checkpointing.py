@@ -36,11 +36,8 @@ from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
+from mars_app.cli import CheckpointError
 from mars_core.io import atomic_path, remove_stale_temporaries
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot or must not be loaded; the message names the file."""
 
 
 def safe_load(path: str | Path, map_location: Any = None, allowed: list | tuple = ()) -> Any:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from mars_core.io import write_text_atomic
 from mars_data.shapes import restatement, sample_record
-from mars_semvie.text import ENDOFTEXT
+from mars_semvie.vocab import ENDOFTEXT
 
 def corpus_text(record: dict) -> str:
     """One pretraining text: the caption, end of text, the restatement."""

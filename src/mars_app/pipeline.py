@@ -68,7 +68,7 @@ from mars_semvie.sequences import (
     t2i_prompt_ids,
     unconditional_prompt,
 )
-from mars_semvie.text import ENDOFTEXT
+from mars_semvie.vocab import ENDOFTEXT
 from mars_tokenizer import VQTokenizer
 
 FORMAT = "mars-pipeline"

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from apps.train import train
-from mars_app.checkpointing import CheckpointError
+from mars_app.cli import CheckpointError
 from mars_app.pipeline import MarsPipeline
 from mars_core.io import sha256_file
 from mars_tokenizer import VQGANConfig, VQTokenizer

@@ -23,7 +23,8 @@ from mars_semvie.sequences import (
     t2i_prompt_ids,
     unconditional_prompt,
 )
-from mars_semvie.text import ENDOFTEXT, qwen_tokenizer
+from mars_semvie.text import qwen_tokenizer
+from mars_semvie.vocab import ENDOFTEXT
 
 T, NUM_CODES = 96, 16  # the tiny configs of conftest
 VOCAB = MultimodalVocab(T, NUM_CODES)

@@ -63,7 +63,7 @@ from typing import Sequence
 
 import torch
 
-from mars_semvie.text import ENDOFTEXT
+from mars_semvie.vocab import ENDOFTEXT
 from mars_semvie.vocab import MultimodalVocab
 
 IGNORE = -100  # label of a position that is not a target

@@ -35,8 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mars_core.resume import ResumableSampler, StreamPosition
-
-ENDOFTEXT = "<|endoftext|>"
+from mars_semvie.vocab import ENDOFTEXT
 
 
 def qwen_tokenizer(trim_to: list[str] | None = None):

@@ -24,6 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
+# Qwen's end-of-text token, a text token of the LLM's own: it ends every text the LLM is
+# trained on and frames every prompt (``mars_semvie.sequences``). Defined here, not beside
+# the text data module, so that generation imports no Lightning.
+ENDOFTEXT = "<|endoftext|>"
+
 # The six special tokens, in id order after the codes.
 SPECIAL_TOKENS = (
     "image_start",  # <image start>: opens an image; predicts its first code
