@@ -1,14 +1,16 @@
 """The embedded default end to end: ``make demo`` (``python apps/demo.py [out_dir=DIR]``).
 
 Runs the project's own commands in order, printing each before it runs, so that every step
-can be repeated by hand: held-out prompts and their scenes, the VQ tokenizer and the text LLM
-(side by side: they do not depend on each other, and two one-thread jobs use 2 cores better
-than one two-thread job; stage I's square scenes and their codes frame the tokenizer in its lane, the
-128 px renders for stage III the LLM in its), the super-resolution triplets beside MARS
-stage I, stage III, generation and evaluation on the held-out prompts at 64 px and through the cascade
-at 128 px, a sample grid, and captions of the held-out scenes, scored. With ``with_stage2=true``
-also stage II beside stage III (renders at every aspect ratio, their codes, training from stage
-I, the held-out prompts drawn and scored at every size). A finished step leaves
+can be repeated by hand: the VQ tokenizer and the text LLM (side by side: they do not depend on
+each other, and two one-thread jobs use 2 cores better than one two-thread job; the codes of
+stage I's scenes follow the tokenizer in its lane, the held-out prompts and their scenes and
+the renders for stage I and stage III follow the LLM in its), the super-resolution triplets
+beside MARS stage I, stage III beside the captions of the held-out scenes, generation on the
+held-out prompts at 64 px and through the cascade at 128 px beside a sample grid, their
+evaluation, and the captions scored. Every step not on the longest path runs beside one that
+is: the demo's time budget (docs/LOG.md). With ``with_stage2=true`` also stage II beside stage
+III (renders at every aspect ratio, their codes, training from stage I, the held-out prompts
+drawn and scored at every size). A finished step leaves
 ``<out_dir>/.done/<step>`` and is skipped on the next run; an interrupted training step
 resumes from its last checkpoint. Data lives in ``<out_dir>/data``, each training run in
 ``<out_dir>/<step>``; steps run side by side write their output to ``<out_dir>/<step>.log``.
@@ -57,21 +59,21 @@ def demo_steps(cfg: DictConfig, out: Path) -> list[Step | tuple[Step, ...]]:
     stage2_steps = stage2_demo_steps(cfg, out, tokenizer, llm, ckpt / "semvie") if cfg.with_stage2 else []
 
     return [
-        Step("eval_prompts", lambda: ["-m", "mars_data.shapes", "prompts", "--num", str(cfg.eval_num),
-                                      "--seed", str(cfg.eval_seed), "--out", str(eval_prompts)]),
-        Step("eval_scenes", lambda: ["-m", "mars_data.shapes", "render", "--prompts", str(eval_prompts),
-                                     "--out", str(out / "eval_scenes")]),
-        (  # stage I's scenes, the tokenizer, then their codes, beside the text LLM
-            [Step("renders_stage1", lambda: ["-m", "mars_data.shapes", "shards", "--out", str(data / "shapes_stage1"),
-                                             "--num-samples", str(cfg.stage1_samples), "--size", "64,128", "--seed", str(cfg.seed)]),
-             train_step("tokenizer", list(cfg.tokenizer), out, cfg.seed),
+        (  # the tokenizer, then the codes of stage I's scenes, beside the text LLM and the rest of the data
+            [train_step("tokenizer", list(cfg.tokenizer), out, cfg.seed),
              Step("codes", lambda: [str(APPS / "tokenize_shards.py"), f"tokenizer={tokenizer}",
                                     f"input={data / 'shapes_stage1'}", f"output={data / 'shapes_codes' / 'train'}", "resolutions=[64x64]",
                                     f"hydra.run.dir={out / 'codes'}"])],
             [train_step("lm", list(cfg.lm), out, cfg.seed),
+             Step("eval_prompts", lambda: ["-m", "mars_data.shapes", "prompts", "--num", str(cfg.eval_num),
+                                           "--seed", str(cfg.eval_seed), "--out", str(eval_prompts)]),
+             Step("eval_scenes", lambda: ["-m", "mars_data.shapes", "render", "--prompts", str(eval_prompts),
+                                          "--out", str(out / "eval_scenes")]),
              Step("renders_128", lambda: ["-m", "mars_data.shapes", "shards", "--out", str(data / "shapes128"),
                                           "--num-samples", str(cfg.superres_samples), "--size", "128", "--lowres", "64",
                                           "--seed", str(cfg.seed)]),
+             Step("renders_stage1", lambda: ["-m", "mars_data.shapes", "shards", "--out", str(data / "shapes_stage1"),
+                                             "--num-samples", str(cfg.stage1_samples), "--size", "64,128", "--seed", str(cfg.seed)]),
              *stage2_steps[:1]],
         ),
         (  # stage III's triplets (and stage II's codes) beside stage I (which takes the second core when they are written)
@@ -80,23 +82,25 @@ def demo_steps(cfg: DictConfig, out: Path) -> list[Step | tuple[Step, ...]]:
              *stage2_steps[1:2]],
             train_step("stage1", [*cfg.stage1, f"model.llm_path={llm}", f"model.tokenizer_path={tokenizer}"], out, cfg.seed),
         ),
-        (  # stage II (when asked for) beside stage III: both start from stage I
+        (  # beside stage III the held-out scenes' captions, which need only stage I, and stage II when asked for
             train_step("stage3", [*cfg.stage3, f"model.base_path={ckpt}", f"data.train_shards={triplets}"], out, cfg.seed),
+            Step("captions", lambda: [str(APPS / "generate.py"), f"ckpt={ckpt}", "task=caption",
+                                      f"images={out / 'eval_scenes'}", f"out={out / 'captions' / 'captions.jsonl'}", "overwrite=true",
+                                      f"hydra.run.dir={out / 'captions'}"]),
             *([stage2_steps[2:]] if stage2_steps else []),
         ),
-        Step("samples", lambda: [str(APPS / "generate.py"), f"ckpt={ckpt}", f"prompts={write_sample_prompts(cfg, out)}", *cascade,
-                                 "save_base=true", f"out={out / 'samples'}", "grid=true", "overwrite=true",
-                                 f"hydra.run.dir={out / 'samples'}"]),
-        Step("generate_eval", lambda: [str(APPS / "generate.py"), f"ckpt={ckpt}", f"prompts={eval_prompts}", *cascade,
-                                       "save_base=true", f"out={out / 'eval_images'}", "overwrite=true",
-                                       f"hydra.run.dir={out / 'eval_images'}"]),
+        (  # the held-out prompts drawn beside the sample grid
+            Step("generate_eval", lambda: [str(APPS / "generate.py"), f"ckpt={ckpt}", f"prompts={eval_prompts}", *cascade,
+                                           "save_base=true", f"out={out / 'eval_images'}", "overwrite=true",
+                                           f"hydra.run.dir={out / 'eval_images'}"]),
+            Step("samples", lambda: [str(APPS / "generate.py"), f"ckpt={ckpt}", f"prompts={write_sample_prompts(cfg, out)}", *cascade,
+                                     "save_base=true", f"out={out / 'samples'}", "grid=true", "overwrite=true",
+                                     f"hydra.run.dir={out / 'samples'}"]),
+        ),
         Step("evaluate", lambda: [str(APPS / "evaluate.py"), "task=shapes", f"prompts={eval_prompts}",
                                   f"images={out / 'eval_images' / 'base'}", f"hydra.run.dir={out / 'eval_images' / 'base'}"]),
         Step("evaluate_cascade", lambda: [str(APPS / "evaluate.py"), "task=shapes", f"prompts={eval_prompts}",
                                           f"images={out / 'eval_images'}", f"hydra.run.dir={out / 'eval_images'}"]),
-        Step("captions", lambda: [str(APPS / "generate.py"), f"ckpt={ckpt}", "task=caption",
-                                  f"images={out / 'eval_scenes'}", f"out={out / 'captions' / 'captions.jsonl'}", "overwrite=true",
-                                  f"hydra.run.dir={out / 'captions'}"]),
         Step("evaluate_captions", lambda: [str(APPS / "evaluate.py"), "task=captions", f"prompts={eval_prompts}",
                                            f"captions={out / 'captions' / 'captions.jsonl'}",
                                            f"hydra.run.dir={out / 'captions'}"]),

@@ -15,19 +15,21 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_steps_are_the_projects_own_commands(make_cfg, tmp_path):
     cfg = make_cfg(["seed=7"], config_name="demo")
     groups = demo_steps(cfg, tmp_path)
-    tokenizer_lane, lm_lane = groups[2]  # independent: side by side
-    assert [s.name for s in tokenizer_lane] == ["renders_stage1", "tokenizer", "codes"] and [s.name for s in lm_lane] == ["lm", "renders_128"]
-    triplets_lane, stage1_step = groups[3]  # side by side too
+    tokenizer_lane, lm_lane = groups[0]  # independent: side by side
+    assert [s.name for s in tokenizer_lane] == ["tokenizer", "codes"]
+    assert [s.name for s in lm_lane] == ["lm", "eval_prompts", "eval_scenes", "renders_128", "renders_stage1"]
+    triplets_lane, stage1_step = groups[1]  # side by side too
     assert [s.name for s in triplets_lane] == ["triplets"] and stage1_step.name == "stage1"
-    assert [s.name for s in groups[4]] == ["stage3"]  # no stage II unless asked for
+    assert [s.name for s in groups[2]] == ["stage3", "captions"]  # no stage II unless asked for
     steps = flat(groups)
-    assert [s.name for s in steps][:9] == ["eval_prompts", "eval_scenes", "renders_stage1", "tokenizer", "codes", "lm", "renders_128", "triplets", "stage1"]
-    assert [s.name for s in steps][-2:] == ["captions", "evaluate_captions"]
+    assert [s.name for s in steps][:10] == ["tokenizer", "codes", "lm", "eval_prompts", "eval_scenes", "renders_128", "renders_stage1", "triplets", "stage1", "stage3"]
+    assert [s.name for s in groups[3]] == ["generate_eval", "samples"]
+    assert [s.name for s in steps][-1] == "evaluate_captions"
     for step in steps:
         args = step.args()
         assert args[0] == "-m" or Path(args[0]).is_file(), args
     codes = next(s for s in steps if s.name == "codes").args()  # stage I's scenes are square: the tokenizer's are not
-    assert f"input={tmp_path / 'data' / 'shapes_stage1'}" in codes and "64,128" in steps[2].args()
+    assert f"input={tmp_path / 'data' / 'shapes_stage1'}" in codes and "64,128" in next(s for s in steps if s.name == "renders_stage1").args()
     stage1 = next(s for s in steps if s.name == "stage1").args()
     assert "experiment=shapes_stage1" in stage1 and f"model.llm_path={tmp_path / 'lm' / 'llm'}" in stage1
     assert all("seed=7" in s.args() for s in steps if s.name in ("tokenizer", "lm", "stage1", "stage3"))
@@ -44,9 +46,10 @@ def flat(groups) -> list[Step]:
 def test_demo_with_stage2_trains_it_beside_stage3_and_scores_every_size(make_cfg, tmp_path):
     cfg = make_cfg(["with_stage2=true", "stage2_aspect_ratios=[1:1,2:1]"], config_name="demo")
     groups = demo_steps(cfg, tmp_path)
-    assert [s.name for s in groups[2][1]] == ["lm", "renders_128", "renders_ar"]
-    assert [s.name for s in groups[3][0]] == ["triplets", "codes_ar"]
-    stage3, stage2_lane = groups[4]
+    assert [s.name for s in groups[0][1]] == ["lm", "eval_prompts", "eval_scenes", "renders_128", "renders_stage1", "renders_ar"]
+    assert [s.name for s in groups[1][0]] == ["triplets", "codes_ar"]
+    stage3, captions, stage2_lane = groups[2]
+    assert captions.name == "captions"
     assert stage3.name == "stage3" and [s.name for s in stage2_lane] == [
         "stage2", "generate_stage2_64x64", "evaluate_stage2_64x64", "generate_stage2_128x64", "evaluate_stage2_128x64"]
     stage2 = stage2_lane[0].args()
