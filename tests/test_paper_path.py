@@ -7,6 +7,8 @@ Chinese captions) with broken members. The chain: tokenize_shards (stage I) -> s
 tokenize_shards (stage II) -> stage2 from stage I's weights -> generate at three trained
 resolutions -> caption images of arbitrary size. Every stage I grid must be the training size,
 every stage II grid one of the trained sizes, and broken samples counted, never a crash.
+Then stage III: superres_shards (the same photos, low-res short side 32, high-res long side 64,
+aspect ratio kept) -> stage3 from stage II's weights -> the cascade at one of stage II's sizes.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from apps.generate import generate
+from apps.superres_shards import superres_shards
 from apps.tokenize_shards import REPORT, tokenize_shards
 from apps.train import train
 from mars_app.pipeline import MarsPipeline
 from mars_data.tars import member, read_samples
 from mars_semvie.text import qwen_tokenizer
+from mars_superres import SuperResModel
 from mars_tokenizer import VQGANConfig, VQTokenizer
 
 SIZES = [(80, 60), (60, 90), (50, 50), (100, 40), (33, 47), (64, 64), (90, 45), (40, 70)]
@@ -150,3 +154,30 @@ def test_tokenize_stage1_stage2_generate_caption(make_cfg, stand_ins, tmp_path):
     rows = {r["image"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert set(rows) == {"wide.png", "tall.jpg"}
     assert rows["wide.png"]["resized"].startswith("91x37 -> ") and rows["tall.jpg"]["resized"].startswith("45x120 -> ")
+
+    # stage III: (low-res codes, caption, high-res codes) triplets of the same photos, the paper's
+    # experiment a few steps from stage II's weights, then the cascade writes the high-res images
+    superres_shards(OmegaConf.create(dict(
+        tokenizer=str(stand_ins["vq"]), input=str(stand_ins["shards"]), output=str(tmp_path / "triplets"),
+        lowres_short_side=32, long_side=64, lowres_member=None, lowres_scale=1, keep_images=False,
+        degradations={"blur": 0.0, "jpeg_quality": None, "round_trip": True}, batch_size=4, device="cpu",
+    )))
+    pairs = set()
+    for _, members in read_samples(next((tmp_path / "triplets").glob("*.tar"))):
+        codes = {info.name.split(".", 1)[1]: np.load(io.BytesIO(data)) for info, data in members if info.name.endswith(".codes.npy")}
+        pairs.add((codes["lowres.codes.npy"].shape, codes["codes.npy"].shape))
+    assert {((2, 2), (4, 4)), ((2, 3), (3, 4)), ((3, 2), (4, 3))} <= pairs  # (rows, columns): aspect ratio kept, long side 64 px
+    cfg = make_cfg([
+        "experiment=stage3", "trainer=cpu", f"model.base_path={stage2}", "model.long_side=64",
+        f"data.train_shards={tmp_path / 'triplets'}", "data.batch_size=4", "data.num_workers=1", "data.shuffle_buffer=0",
+        "trainer.max_steps=4", "trainer.max_epochs=-1", "logger=csv",
+    ])
+    assert train(cfg)["global_step"] == 4
+    superres = Path(cfg.paths.output_dir) / "superres"
+    assert SuperResModel.from_pretrained(superres).num_heads == 4  # the paper's K
+    written = generate(make_cfg([
+        f"ckpt={stage2}", f"superres={superres}", "prompt=a photo of a red car on a street", "resolution=48x32",
+        f"out={tmp_path / 'cascade'}", "tokens_per_step=4", "decode=exact", "save_base=true",
+    ], "generate"))
+    assert Image.open(written["images"][0]).size == (64, 48)
+    assert Image.open(tmp_path / "cascade" / "base" / "00000.png").size == (48, 32)
