@@ -33,12 +33,14 @@ demo: setup
 clean:
 	rm -rf $(VENV) logs artifacts
 
-# apps/demo.py writes its MARS checkpoint to <out_dir of conf/demo.yaml>/stage1/mars
+# apps/demo.py writes its MARS checkpoint to <out_dir of conf/demo.yaml>/stage1/mars and its stage III to
+# .../stage3/superres (served too when it exists)
 DEMO_CKPT ?= artifacts/demo/stage1/mars
+DEMO_SUPERRES ?= artifacts/demo/stage3/superres
 .PHONY: serve system-deps
 serve: setup
 	@test -f $(DEMO_CKPT)/mars.json || { echo "error: no MARS checkpoint at $(DEMO_CKPT): run 'make demo' first (or: $(PY) apps/serve.py ckpt=DIR)" >&2; exit 1; }
-	$(PY) apps/serve.py ckpt=$(DEMO_CKPT)
+	$(PY) apps/serve.py ckpt=$(DEMO_CKPT) $(if $(wildcard $(DEMO_SUPERRES)/superres_config.json),superres=$(DEMO_SUPERRES))
 
 # Chinese glyphs (sample grid, web page) and the browser test's Chromium with its driver, from
 # Debian's packages; needs root; nothing is fetched when they are installed already

@@ -4,9 +4,9 @@
     make serve                      # on the checkpoint `make demo` trained
 
 Loads the checkpoint once (``MarsPipeline.from_pretrained``) and serves the page of
-``mars_app.serve.build_app`` until stopped (Ctrl-C). Options: conf/serve.yaml. ``superres=DIR``
-is reserved for the cascaded super-resolution stage, which is not implemented yet: set, it is
-refused before anything is loaded.
+``mars_app.serve.build_app`` until stopped (Ctrl-C). Options: conf/serve.yaml. With
+``superres=DIR`` (a stage III checkpoint, ``<run>/superres``) every drawn image is upscaled
+too, as by ``apps/generate.py superres=DIR``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import gradio as gr
 import hydra
 from omegaconf import DictConfig
 
+from mars_app.cascade import SuperResPipeline
 from mars_app.cli import run_app
 from mars_app.pipeline import MarsPipeline
 from mars_app.serve import build_app, describe, launch
@@ -25,14 +26,12 @@ from mars_app.serve import build_app, describe, launch
 
 def serve(cfg: DictConfig, block: bool = True) -> gr.Blocks:
     """Load the checkpoint and serve the demo; ``block=False`` returns the running app (tests)."""
-    if cfg.superres is not None:
-        raise ValueError(
-            f"superres={cfg.superres}: super-resolution is not available yet (stage III is not implemented); leave superres unset"
-        )
     if not 0 < int(cfg.port) < 65536:
         raise ValueError(f"port={cfg.port} is not a TCP port (1-65535)")
     pipeline = MarsPipeline.from_pretrained(cfg.ckpt, llm_path=cfg.llm_path, device=cfg.device)
-    app = build_app(pipeline, list(cfg.examples), cfg.max_images, cfg.title, describe(pipeline, Path(cfg.ckpt).name))
+    superres = None if cfg.superres is None else SuperResPipeline.from_pretrained(cfg.superres, llm_path=cfg.llm_path, device=cfg.device)
+    description = describe(pipeline, Path(cfg.ckpt).name, superres)
+    app = build_app(pipeline, list(cfg.examples), cfg.max_images, cfg.title, description, superres)
     print(f"MARS demo on http://{cfg.host}:{cfg.port} (checkpoint {cfg.ckpt}); Ctrl-C stops it", flush=True)
     return launch(app, cfg.host, int(cfg.port), block, cfg.max_file_size)
 

@@ -20,7 +20,10 @@ from apps.serve import serve
 from mars_app.pipeline import MarsPipeline
 from mars_app.serve import build_app, launch, nearest_resolution
 from tests.conftest import compose_config
+from mars_app.cascade import SuperResPipeline
 from tests.test_generate import tiny_pipeline
+from tests.test_superres_app import world  # noqa: F401  (a stage II checkpoint at 16x16 and a stage III one over it)
+from tests.test_t2i import checkpoints  # noqa: F401  (world's tiny LLM and VQ)
 
 EN, ZH = "one blue square left of a green triangle", "一个红色的圆形"
 
@@ -178,10 +181,33 @@ def test_bad_requests_get_one_clear_message(client, prompt, options, message):
         draw(client, prompt, **options)
 
 
-def test_superres_is_refused_before_loading(make_cfg, tmp_path):
-    cfg = make_cfg([f"ckpt={tmp_path}/nowhere", f"superres={tmp_path}"], "serve")
-    with pytest.raises(ValueError, match="super-resolution is not available yet"):
-        serve(cfg, block=False)
+def test_serves_the_cascade_each_high_res_image_beside_its_base(world, tmp_path):
+    with running_server(world["base"], tmp_path / "run", f"superres={world['superres']}") as url:
+        client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
+
+        def draw_cascade(K, mode):  # greedy, two images (seeds 4 and 5)
+            gallery, _, note = client.predict("a red circle", "16x16", 1.5, 0.0, 0, 1.0, 4, 2, K, mode, api_name="/draw")
+            return [Image.open(item["image"]) for item in gallery], [item["caption"] for item in gallery], note
+
+        exact, captions, note = draw_cascade(4, "exact")
+        assert captions == ["seed 4: 32x32", "seed 4: base 16x16", "seed 5: 32x32", "seed 5: base 16x16"]
+        assert [image.size for image in exact] == [(32, 32), (16, 16)] * 2
+        assert note.startswith("Super-resolution, K=4 exact: ") and "mean accepted length" in note
+        one, _, note = draw_cascade(1, "exact")
+        for a, b in zip(exact, one):  # greedy exact decoding is K=1 decoding, token for token
+            np.testing.assert_array_equal(pixels(a), pixels(b))
+        assert note == "Super-resolution, K=1 exact: 146 forward passes for 146 tokens."  # 73 slots per image
+        _, _, note = draw_cascade(4, "fast")
+        assert note == "Super-resolution, K=4 fast: 38 forward passes for 146 tokens."  # ceil(73 / 4) per image
+
+
+def test_a_cascade_without_a_size_in_common_or_checkpoint_is_refused(world, make_cfg, tmp_path):
+    superres = SuperResPipeline.from_pretrained(world["superres"])
+    superres.lowres = [(8, 8)]
+    with pytest.raises(ValueError, match="the super-resolution model reads 8x8; the checkpoint draws 16x16: no size in common"):
+        build_app(MarsPipeline.from_pretrained(world["base"]), superres=superres)
+    with pytest.raises(FileNotFoundError, match="super-resolution checkpoint directory .*nowhere does not exist"):
+        serve(make_cfg([f"ckpt={world['base']}", f"superres={tmp_path}/nowhere"], "serve"), block=False)
 
 
 def test_nearest_resolution_takes_the_aspect_ratio_then_the_area():

@@ -24,6 +24,13 @@ Design choices:
   one image reader: refuses decompression bombs; Gradio's own decoding of the input is off),
   resized to the trained size nearest in
   aspect ratio, then in area, and the answer says when it was resized and to what.
+- **The cascade, when given one.** With a super-resolution checkpoint (``superres``, stage III)
+  every drawn image is also upscaled (``mars_app.cascade.Cascade``, the path of
+  ``apps/generate.py superres=DIR``) and the gallery shows each high-res image beside its base
+  image. The sizes offered are those the base draws and the super-resolution model reads;
+  ``tokens_per_step`` (K, up to the model's heads) and the decoding mode (exact: K=1's output,
+  fewer passes; fast: K codes per pass) are controls, and the page says how many forward
+  passes the decoding took.
 - **Errors are one line.** An empty prompt, an unreadable upload or an unknown size raise
   ``gr.Error`` with a message saying what to change; the page shows it, API clients get it.
 - **Offline.** Analytics (and their version check) are off and the theme's fonts are Gradio's
@@ -38,9 +45,11 @@ from typing import Sequence
 import gradio as gr
 from PIL import Image
 
+from mars_app.cascade import Cascade, SuperResPipeline
 from mars_app.pipeline import MarsPipeline
 from mars_data.images import ImageError, load_image
 from mars_semvie.sequences import encode_prompt, resolution_text
+from mars_superres.decoding import MODES
 
 # small images (the shapes world draws 64x64) enlarged with visible pixels, not blurred
 CSS = "#images img { image-rendering: pixelated; }"
@@ -70,19 +79,30 @@ def build_app(
     max_images: int = 8,
     title: str = "MARS",
     description: str = "",
+    superres: SuperResPipeline | None = None,
 ) -> gr.Blocks:
-    """The demo page over ``pipeline``: a draw tab and a caption tab; ``examples`` are prompts."""
+    """The demo page over ``pipeline``: a draw tab and a caption tab; ``examples`` are prompts;
+    with ``superres`` the drawn images are upscaled too (module docstring)."""
     if max_images < 1:
         raise ValueError(f"max_images must be >= 1, got {max_images}")
-    sizes = [resolution_text(*r) for r in pipeline.resolutions]
+    sizes = [resolution_text(*r) for r in pipeline.resolutions if superres is None or tuple(r) in superres.lowres]
+    if not sizes:
+        raise ValueError(
+            f"the super-resolution model reads {', '.join(resolution_text(*r) for r in superres.lowres)}; "
+            f"the checkpoint draws {', '.join(resolution_text(*r) for r in pipeline.resolutions)}: no size in common"
+        )
+    cascade = None if superres is None else Cascade(pipeline, superres)
     defaults = pipeline.sampling
+
+    def require_prompt(prompt):
+        if not prompt or not prompt.strip():
+            raise gr.Error("The prompt is empty: write what to draw, in English or Chinese.")
 
     # ``progress``: Gradio fills it in and follows the pipeline's tqdm bar with it. The dropdown
     # and the slider refuse sizes and counts out of their choices before this runs.
     def draw(prompt, resolution, cfg_scale, temperature, top_k, top_p, seed, num_images,
              progress=gr.Progress(track_tqdm=True)):
-        if not prompt or not prompt.strip():
-            raise gr.Error("The prompt is empty: write what to draw, in English or Chinese.")
+        require_prompt(prompt)
         size, seed = pipeline.resolution(resolution), int(seed)
         images = pipeline.generate(
             [prompt] * int(num_images),
@@ -97,6 +117,23 @@ def build_app(
         )
         plan = plan_text(pipeline, prompt) if pipeline.plan else ""
         return [(image, f"seed {seed + i}") for i, image in enumerate(images)], plan
+
+    def draw_cascade(prompt, resolution, cfg_scale, temperature, top_k, top_p, seed, num_images, tokens_per_step, mode,
+                     progress=gr.Progress(track_tqdm=True)):
+        require_prompt(prompt)
+        seed = int(seed)
+        base, high, stats = cascade.generate(
+            [prompt] * int(num_images), tokens_per_step=int(tokens_per_step), mode=mode, seed=seed, batch_size=1,
+            progress=True, resolution=pipeline.resolution(resolution), cfg_scale=cfg_scale, temperature=temperature,
+            top_k=int(top_k), top_p=top_p,
+        )
+        gallery = []
+        for i, (low, image) in enumerate(zip(base, high)):
+            gallery += [(image, f"seed {seed + i}: {resolution_text(*image.size)}"), (low, f"seed {seed + i}: base {resolution_text(*low.size)}")]
+        plan = plan_text(pipeline, prompt) if pipeline.plan else ""
+        accepted = f", mean accepted length {stats.mean_accepted_length:.2f}" if mode == "exact" and int(tokens_per_step) > 1 else ""
+        note = f"Super-resolution, K={int(tokens_per_step)} {mode}: {stats.forward_passes} forward passes for {stats.tokens} tokens{accepted}."
+        return gallery, plan, note
 
     def caption(upload):  # Gradio's FileData of the upload, already in its upload cache
         if not upload:
@@ -138,11 +175,18 @@ def build_app(
                         top_k = gr.Slider(0, pipeline.vocab.num_codes, value=defaults.top_k, step=1,
                                           label="Top-k (0 = no cut)")
                         top_p = gr.Slider(0.01, 1.0, value=defaults.top_p, step=0.01, label="Top-p (1 = no cut)")
+                    if cascade is not None:
+                        heads = superres.model.num_heads
+                        with gr.Accordion("Super-resolution (stage III)", open=False):
+                            tokens_per_step = gr.Slider(1, heads, value=heads, step=1, label="Tokens per step (K)",
+                                                        interactive=heads > 1)
+                            mode = gr.Radio(list(MODES), value="exact", label="Decoding (exact: K=1's output; fast: K codes per pass)")
                 with gr.Column():
                     gallery = gr.Gallery(label="Images", format="png", columns=4, height="auto", object_fit="contain",
                                          elem_id="images")
                     plan = gr.Textbox(label="Plan the model wrote before drawing", visible=pipeline.plan,
                                       interactive=False)
+                    decoding = gr.Markdown(elem_id="decoding", visible=cascade is not None)
             if examples:
                 gr.Examples([[e] for e in examples], inputs=[prompt], label="Examples (English and Chinese)")
         with gr.Tab("Caption"):
@@ -155,7 +199,11 @@ def build_app(
                     caption_box = gr.Textbox(label="Caption", interactive=False)
                     note = gr.Markdown(elem_id="caption-note")
         inputs = [prompt, resolution, cfg_scale, temperature, top_k, top_p, seed, number]
-        gr.on([button.click, prompt.submit], draw, inputs, [gallery, plan], api_name="draw", concurrency_id=MODEL_JOBS)
+        if cascade is None:
+            gr.on([button.click, prompt.submit], draw, inputs, [gallery, plan], api_name="draw", concurrency_id=MODEL_JOBS)
+        else:
+            gr.on([button.click, prompt.submit], draw_cascade, [*inputs, tokens_per_step, mode], [gallery, plan, decoding],
+                  api_name="draw", concurrency_id=MODEL_JOBS)
         # preprocess=False: the upload reaches load_image undecoded, whose errors are one line
         caption_button.click(caption, [upload], [caption_box, note], api_name="caption", concurrency_id=MODEL_JOBS,
                              preprocess=False)
@@ -182,7 +230,10 @@ def launch(
     return app
 
 
-def describe(pipeline: MarsPipeline, name: str) -> str:
-    """One line about the checkpoint for the page's header."""
+def describe(pipeline: MarsPipeline, name: str, superres: SuperResPipeline | None = None) -> str:
+    """One line about the checkpoint (and the super-resolution model) for the page's header."""
     sizes = ", ".join(resolution_text(*r) for r in pipeline.resolutions)
-    return f"Checkpoint `{name}`: draws {sizes}" + ("; writes a plan before drawing." if pipeline.plan else ".")
+    line = f"Checkpoint `{name}`: draws {sizes}" + ("; writes a plan before drawing" if pipeline.plan else "")
+    if superres is not None:
+        line += f"; upscales to a long side of {superres.model.config.long_side} px (stage III, up to {superres.model.num_heads} tokens per step)"
+    return line + "."
