@@ -247,7 +247,7 @@ def draw_cascade(cfg: DictConfig, cascade: Cascade, prompts: list[str]) -> dict:
     sampling = {k: cfg[k] for k in ("cfg_scale", "temperature", "top_k", "top_p")}
     base, high, stats = cascade.generate(
         prompts, tokens_per_step=cfg.tokens_per_step, mode=cfg.decode, seed=cfg.seed, batch_size=cfg.batch_size,
-        progress=True, resolution=cfg.resolution, **sampling,
+        progress=True, resolution=cfg.resolution, kv_cache=cfg.kv_cache, **sampling,
     )
     paths = [out / cfg.image_name.format(index=index) for index in range(len(high))]
     for path, image in zip(paths, high):

@@ -137,15 +137,19 @@ class Cascade:
     def from_pretrained(cls, base_dir, superres_dir, llm_path=None, device="cpu") -> Cascade:
         return cls(MarsPipeline.from_pretrained(base_dir, llm_path, device), SuperResPipeline.from_pretrained(superres_dir, llm_path, device))
 
-    def generate(self, prompts: Sequence[str], tokens_per_step: int = 1, mode: str = "exact", seed: int = 0, batch_size: int = 8, progress: bool = False, resolution: str | Sequence[int] | None = None, **sampling):
-        """(base images, high-res images, DecodeStats); ``resolution``: the base images' size
-        (``MarsPipeline.generate``; the high-res size follows from it); ``sampling`` (cfg_scale,
+    def generate(
+        self, prompts: Sequence[str], tokens_per_step: int = 1, mode: str = "exact", seed: int = 0, batch_size: int = 8,
+        progress: bool = False, resolution: str | Sequence[int] | None = None, kv_cache: bool = True, **sampling,
+    ):
+        """(base images, high-res images, DecodeStats); ``resolution`` and ``kv_cache``: the base
+        images' size (the high-res size follows from it) and whether they are drawn on the KV
+        cache (``MarsPipeline.generate``; stage III always decodes on it); ``sampling`` (cfg_scale,
         temperature, top_k, top_p; None: the base checkpoint's defaults) applies to both steps."""
         if mode not in MODES:  # refused before the base images are drawn
             raise ValueError(f"decode={mode!r}: choose one of {', '.join(MODES)}")
         if not 1 <= tokens_per_step <= self.superres.model.num_heads:
             raise ValueError(f"tokens_per_step={tokens_per_step}: the super-resolution model has heads 1..{self.superres.model.num_heads}")
-        base = self.base.generate(list(prompts), seed=seed, batch_size=batch_size, progress=progress, resolution=resolution, **sampling)
+        base = self.base.generate(list(prompts), seed=seed, batch_size=batch_size, progress=progress, resolution=resolution, kv_cache=kv_cache, **sampling)
         defaults = self.base.sampling
         options = {k: getattr(defaults, k) if sampling.get(k) is None else sampling[k] for k in ("cfg_scale", "temperature", "top_k", "top_p")}
         high, stats = self.superres.upscale(base, list(prompts), tokens_per_step, mode, seed=seed, batch_size=batch_size, progress=progress, **options)
