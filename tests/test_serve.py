@@ -17,10 +17,10 @@ from gradio_client.utils import Status
 from PIL import Image
 
 from apps.serve import serve
+from mars_app.cascade import SuperResPipeline
 from mars_app.pipeline import MarsPipeline
 from mars_app.serve import build_app, launch, nearest_resolution
 from tests.conftest import compose_config
-from mars_app.cascade import SuperResPipeline
 from tests.test_generate import tiny_pipeline
 from tests.test_superres_app import world  # noqa: F401  (a stage II checkpoint at 16x16 and a stage III one over it)
 from tests.test_t2i import checkpoints  # noqa: F401  (world's tiny LLM and VQ)
