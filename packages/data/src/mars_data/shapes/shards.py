@@ -165,7 +165,10 @@ def write_shards(
             bar.update(sum(counts.values()))
         else:
             counts = {}
-            with multiprocessing.get_context().Pool(processes) as pool:
+            # spawn, not fork: a process forked while another thread holds a lock (a progress
+            # bar's monitor, a server, torch's pools) can wait on that lock for ever; a test run
+            # hung so (docs/LOG.md, session 29). The workers pay one import (about 1.7 s).
+            with multiprocessing.get_context("spawn").Pool(processes) as pool:
                 for shard, count in pool.imap_unordered(partial(_numbered, job), range(num_shards)):
                     counts[shard] = count
                     bar.update(count)
