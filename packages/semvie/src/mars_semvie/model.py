@@ -419,7 +419,9 @@ class SemVIEForCausalLM(nn.Module):
         heads = self._grid_head_index(image_grid)
         if position_ids is None:
             position_ids = torch.arange(past, past + L, device=input_ids.device).expand(B, L)
-        mask, is_causal = self._attention_mask(attention_mask, L, past, input_ids.device, self.visual_embed.weight.dtype)
+        device_type = input_ids.device.type  # under autocast SDPA gets q in the autocast dtype, and a mask of q's dtype only
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.visual_embed.weight.dtype
+        mask, is_causal = self._attention_mask(attention_mask, L, past, input_ids.device, dtype)
         visual = self.vocab.is_visual(input_ids)
         router = Router(visual.flatten(), self.config.routing, *self._training_rows(visual, attention_mask, past))
 
@@ -521,8 +523,6 @@ class SemVIEForCausalLM(nn.Module):
         v = heads(attn.v_proj, visual.v_proj, x, self.num_kv_heads)
         if cache is not None:
             k, v = cache.update(i, k, v)
-        if mask is not None and mask.dtype != q.dtype:  # autocast: SDPA takes an additive mask of q's dtype only
-            mask = mask.to(q.dtype)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
         )
